@@ -1,0 +1,28 @@
+# `make train` and `make test` work on a fresh clone: each creates .venv and installs on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+# Use the shared offline copy of MNIST when it is beside the repo; elsewhere torchvision downloads it.
+SHARED_MNIST := $(abspath ../shared/data/mnist)
+export DLAB_DATA_DIR ?= $(if $(wildcard $(SHARED_MNIST)/MNIST),$(SHARED_MNIST),$(CURDIR)/data)
+
+.PHONY: train test bench lint install
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the default model (experiment=mnist_cpu); pass overrides with ARGS="..."
+	$(VENV)/bin/dlab-train $(ARGS)
+
+test: $(STAMP)   ## the whole suite (what CI runs)
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(ARGS)
+
+bench: $(STAMP)  ## speed and quality benchmarks -> benchmarks/results/*.json
+	$(VENV)/bin/python benchmarks/bench_unet_throughput.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

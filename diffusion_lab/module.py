@@ -1,0 +1,151 @@
+"""DiffusionModule: trains a conditional denoiser on a noise schedule and samples from it.
+
+Everything swappable is passed in (net, schedule, encoder, sampler, optimizer); this file only
+holds the training objective, the optimiser wiring and a batched `generate` for callbacks,
+`dlab-sample` and `dlab-eval`. EMA lives in `callbacks/ema.py` (Lightning swaps it in for
+validation and stores it as the checkpoint's `state_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_lab.diffusion.samplers import Sampler, sample
+from diffusion_lab.diffusion.schedules import NoiseSchedule
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        encoder: nn.Module,
+        sampler: Callable[..., Sampler],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable | None = None,
+        prediction_type: str = "epsilon",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"])
+        self.net, self.schedule, self.encoder = net, schedule, encoder
+        self.sampler_factory = sampler
+        self.sampler = sampler(schedule=schedule, prediction_type=prediction_type)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        # The resolved run config, stored in checkpoints so `dlab-sample`/`dlab-eval` can rebuild the
+        # module without the user repeating the overrides (set by train()).
+        self.run_config: dict | None = None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        return self.net(x_t, t, condition)
+
+    # ---------------------------------------------------------------- objective
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Weighted MSE between the net's output and the target of the configured prediction type."""
+        x0 = batch["image"]  # (B, C, H, W) in [-1, 1]
+        condition = self.encoder(batch[self.encoder.input_key])
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=self.device, generator=generator)
+        noise = torch.randn(x0.shape, device=self.device, generator=generator)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        prediction = self.net(x_t, t, condition)
+        target = self.schedule.target(self.hparams.prediction_type, x0, noise, t)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        weight = self.schedule.loss_weight(
+            t, self.hparams.loss_weighting, self.hparams.prediction_type, self.hparams.min_snr_gamma
+        )
+        return (weight * per_sample).mean()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Reseed from (seed, epoch, batch, rank): noise, timesteps, CFG label dropout and dropout
+        # masks then depend only on the position in training, so a resumed run continues
+        # exactly as an uninterrupted one would (the data order is seeded by epoch too).
+        torch.manual_seed(
+            hash((self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**63 - 1)
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        # A fixed generator per batch: the validation loss of two epochs differs only by the weights.
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(batch, generator=generator)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | Sequence[str],
+        guidance_scale: float = 1.0,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+        guidance_rescale: float = 0.0,
+        return_intermediates: bool = False,
+        progress: bool = False,
+    ):
+        """Sample one image per label (or caption) in [-1, 1], with classifier-free guidance."""
+        was_training = self.encoder.training
+        self.encoder.eval()  # never drop the condition while sampling
+        try:
+            condition = self.encoder(inputs.to(self.device) if torch.is_tensor(inputs) else list(inputs))
+            n = condition.batch_size
+            null = self.encoder.null(n, self.device)
+            image_shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
+            return sample(
+                self.net,
+                sampler or self.sampler,
+                (n, *image_shape),
+                condition=condition,
+                null_condition=null,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                generator=generator,
+                device=self.device,
+                return_intermediates=return_intermediates,
+                progress=progress,
+            )
+        finally:
+            self.encoder.train(was_training)
+
+    def make_sampler(self, **overrides) -> Sampler:
+        """The configured sampler with some settings changed, e.g. `make_sampler(num_steps=10)`."""
+        return self.sampler_factory(schedule=self.schedule, prediction_type=self.hparams.prediction_type, **overrides)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        # A fixed `total_steps` in the config wins (so a preempted run keeps its schedule);
+        # otherwise the schedule spans this run.
+        if self.lr_scheduler_factory.keywords.get("total_steps") is None:
+            scheduler = self.lr_scheduler_factory(
+                optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+            )
+        else:
+            scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["run_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_config = checkpoint.get("run_config")

@@ -1,0 +1,37 @@
+"""OmegaConf resolvers used by conf/. Registered on import, before Hydra composes."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+from diffusion_lab.utils.checkpoints import find_checkpoint, run_dir_of
+
+
+def _run_dir(ckpt_path, runs_dir: str, stamp: str) -> str:
+    """A resumed run keeps writing into its own folder; anything else gets a new one."""
+    if ckpt_path is not None:
+        try:
+            return str(run_dir_of(find_checkpoint(str(ckpt_path), runs_dir)))
+        except FileNotFoundError:
+            pass  # train() reports the missing checkpoint with the full explanation
+    return f"{runs_dir}/{stamp}"
+
+
+def _wandb_offline() -> bool:
+    """Offline unless the user is logged in or asked for online mode explicitly."""
+    if os.environ.get("WANDB_MODE") in ("online", "run"):
+        return False
+    has_netrc_key = os.path.exists(os.path.expanduser("~/.netrc")) and "api.wandb.ai" in open(
+        os.path.expanduser("~/.netrc")
+    ).read()
+    return not (os.environ.get("WANDB_API_KEY") or has_netrc_key)
+
+
+def register() -> None:
+    OmegaConf.register_new_resolver("dlab_run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("dlab_wandb_offline", _wandb_offline, replace=True)
+
+
+register()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import hydra
 import lightning as L
@@ -15,6 +16,11 @@ from diffusion_lab.utils.checkpoints import find_checkpoint
 from diffusion_lab.utils.run import build, print_config_tree, task_wrapper, write_metrics
 
 log = logging.getLogger("diffusion_lab")
+
+# With OnExceptionCheckpoint, Lightning turns fit(ckpt_path=None) into "last" and warns twice when a
+# fresh run folder has no checkpoint yet. Resuming here is explicit (`ckpt_path=`), so both are noise.
+warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
+warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint")
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:

@@ -44,6 +44,8 @@ def compose_cfg(tmp_path, data_dir):
             cfg.paths.data_dir = str(data_dir)
             cfg.hydra.runtime.output_dir = str(tmp_path)
         HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra  # the app never sees this node (Hydra keeps it apart), so neither do tests
         return cfg
 
     yield _compose

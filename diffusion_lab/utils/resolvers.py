@@ -30,6 +30,8 @@ def _wandb_offline() -> bool:
 
 
 def register() -> None:
+    # Not ${hydra:runtime.cwd}: a multirun resolves hydra.sweep.dir before the Hydra config exists.
+    OmegaConf.register_new_resolver("dlab_cwd", os.getcwd, replace=True)
     OmegaConf.register_new_resolver("dlab_run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("dlab_wandb_offline", _wandb_offline, replace=True)
 

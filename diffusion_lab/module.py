@@ -34,7 +34,9 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"]
+        )
         self.net, self.schedule, self.encoder = net, schedule, encoder
         self.sampler_factory = sampler
         self.sampler = sampler(schedule=schedule, prediction_type=prediction_type)
@@ -126,7 +128,9 @@ class DiffusionModule(L.LightningModule):
 
     def make_sampler(self, **overrides) -> Sampler:
         """The configured sampler with some settings changed, e.g. `make_sampler(num_steps=10)`."""
-        return self.sampler_factory(schedule=self.schedule, prediction_type=self.hparams.prediction_type, **overrides)
+        return self.sampler_factory(
+            schedule=self.schedule, prediction_type=self.hparams.prediction_type, **overrides
+        )
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -26,7 +26,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_module(ckpt: str | Path, device: str | torch.device = "cpu", runs_dir: str | Path = "outputs/train/runs"):
+def load_module(
+    ckpt: str | Path, device: str | torch.device = "cpu", runs_dir: str | Path = "outputs/train/runs"
+):
     """Rebuild the trained module from the config stored in its checkpoint, with the EMA weights.
 
     The EMA callback stores the averaged weights as the checkpoint's `state_dict`.
@@ -36,7 +38,9 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu", runs_dir: 
     path = find_checkpoint(str(ckpt), runs_dir)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not checkpoint.get("run_config"):
-        raise ValueError(f"{path} holds no run_config: it was not written by dlab-train, so it cannot be rebuilt.")
+        raise ValueError(
+            f"{path} holds no run_config: it was not written by dlab-train, so it cannot be rebuilt."
+        )
     module: DiffusionModule = build_module(OmegaConf.create(checkpoint["run_config"]))
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["run_config"]
@@ -80,7 +84,9 @@ def run(cfg: DictConfig) -> Path:
     scales = list(cfg.guidance) if isinstance(cfg.guidance, ListConfig) else [cfg.guidance]
     sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
 
-    images = torch.cat([generate_batched(module, labels, s, sampler, cfg.batch_size, cfg.seed) for s in scales])
+    images = torch.cat(
+        [generate_batched(module, labels, s, sampler, cfg.batch_size, cfg.seed) for s in scales]
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

@@ -20,7 +20,9 @@ log = logging.getLogger("diffusion_lab")
 # With OnExceptionCheckpoint, Lightning turns fit(ckpt_path=None) into "last" and warns twice when a
 # fresh run folder has no checkpoint yet. Resuming here is explicit (`ckpt_path=`), so both are noise.
 warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
-warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint")
+warnings.filterwarnings(
+    "ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint"
+)
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:

@@ -52,9 +52,16 @@ def compose_cfg(tmp_path, data_dir):
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run a console entry point the way a user does (a subprocess), with offline W&B and real MNIST."""
-    full_env = {**os.environ, "DLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    full_env = {
+        **os.environ,
+        "DLAB_DATA_DIR": str(DATA_DIR),
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+    }
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout

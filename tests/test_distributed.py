@@ -25,10 +25,8 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 
 def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
-    result = run_cli(
-        "diffusion_lab.train", "-m", "debug=tiny", "conditioning=concat,adaln", "trainer.limit_train_batches=2",
-        cwd=tmp_path,
-    )  # fmt: skip
+    sweep_args = ["-m", "debug=tiny", "conditioning=concat,adaln", "trainer.limit_train_batches=2"]
+    result = run_cli("diffusion_lab.train", *sweep_args, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

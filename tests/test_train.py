@@ -63,7 +63,9 @@ def test_resume_continues_exactly(compose_cfg, tmp_path):
         for name, value in straight[key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
     # And the two copies differ, so the comparison above covered two different things.
-    differs = [n for n, v in straight["state_dict"].items() if not torch.equal(v, straight["current_model_state"][n])]
+    differs = [
+        n for n, v in straight["state_dict"].items() if not torch.equal(v, straight["current_model_state"][n])
+    ]
     assert differs
 
 

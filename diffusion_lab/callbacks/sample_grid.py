@@ -11,7 +11,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 
-def class_grid(module, num_classes: int, per_class: int, guidance_scales, sampler, seed: int = 0) -> torch.Tensor:
+def class_grid(
+    module, num_classes: int, per_class: int, guidance_scales, sampler, seed: int = 0
+) -> torch.Tensor:
     """Images (3, H, W) in [0, 1]: row c holds `per_class` samples of class c at each guidance scale."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     blocks = []
@@ -43,7 +45,9 @@ class SampleGrid(L.Callback):
     # Sampling runs inside the validation epoch, where the EMA callback has swapped its weights in,
     # whatever the order of the callbacks.
     @rank_zero_only
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx != 0 or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
         if pl_module.encoder.input_key != "label":

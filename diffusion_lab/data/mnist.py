@@ -106,7 +106,12 @@ class MNISTDataModule(L.LightningDataModule):
         # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a
         # resumed run sees exactly the order an uninterrupted one would (Lightning calls set_epoch).
         sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.split_seed, drop_last=shuffle
+            dataset,
+            num_replicas=world,
+            rank=rank,
+            shuffle=shuffle,
+            seed=self.hparams.split_seed,
+            drop_last=shuffle,
         )
         return DataLoader(
             dataset,

@@ -23,9 +23,10 @@ def _wandb_offline() -> bool:
     """Offline unless the user is logged in or asked for online mode explicitly."""
     if os.environ.get("WANDB_MODE") in ("online", "run"):
         return False
-    has_netrc_key = os.path.exists(os.path.expanduser("~/.netrc")) and "api.wandb.ai" in open(
-        os.path.expanduser("~/.netrc")
-    ).read()
+    has_netrc_key = (
+        os.path.exists(os.path.expanduser("~/.netrc"))
+        and "api.wandb.ai" in open(os.path.expanduser("~/.netrc")).read()
+    )
     return not (os.environ.get("WANDB_API_KEY") or has_netrc_key)
 
 

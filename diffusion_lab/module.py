@@ -32,6 +32,7 @@ class DiffusionModule(L.LightningModule):
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -44,6 +45,11 @@ class DiffusionModule(L.LightningModule):
         # The resolved run config, stored in checkpoints so `dlab-sample`/`dlab-eval` can rebuild the
         # module without the user repeating the overrides (set by train()).
         self.run_config: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            # In place (nn.Module.compile), so state_dict keys and checkpoints stay the same.
+            self.net.compile()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         return self.net(x_t, t, condition)

@@ -14,6 +14,7 @@ from rich.progress import track
 from torchvision.utils import save_image
 
 import diffusion_lab.utils.resolvers  # noqa: F401  (registers ${dlab_*:} before Hydra composes)
+from diffusion_lab import CONFIG_DIR
 from diffusion_lab.module import DiffusionModule
 from diffusion_lab.utils.checkpoints import find_checkpoint
 
@@ -101,7 +102,7 @@ def run(cfg: DictConfig) -> Path:
     return out / "samples.npz"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab.utils.resolvers  # noqa: F401  (registers ${dlab_*:} before Hydra composes)
+from diffusion_lab import CONFIG_DIR
 from diffusion_lab.module import DiffusionModule
 from diffusion_lab.utils.checkpoints import find_checkpoint
 from diffusion_lab.utils.run import build, print_config_tree, task_wrapper, write_metrics
@@ -52,8 +53,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule = build("datamodule", cfg.data)
     module = build_module(cfg)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [build(f"callback {k}", v) for k, v in (cfg.get("callbacks") or {}).items()]
-    loggers = [build(f"logger {k}", v) for k, v in (cfg.get("logger") or {}).items()]
+    # An entry set to null (`callbacks.rich_progress_bar=null`) switches that callback or logger off.
+    callbacks = [build(f"callback {k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
+    loggers = [build(f"logger {k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.run_config)
@@ -69,7 +71,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     print_config_tree(cfg, save_to=cfg.paths.output_dir)
     metrics, _ = train(cfg)

@@ -1,0 +1,62 @@
+"""FID / KID / conditional accuracy of EMA samples during validation, logged as curves."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion_lab.metrics.fid import MNISTEvaluator
+from diffusion_lab.sample import balanced_labels
+
+
+class GenerativeMetrics(L.Callback):
+    """Every `every_n_epochs`, sample `n` balanced labels and log `val/fid`, `val/kid`, `val/accuracy`.
+
+    Needs the cached evaluator (`dlab-train-evaluator`); a missing one fails at setup, before training.
+    Only rank zero samples and scores (FID is not additive over ranks).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        data_dir: str,
+        n: int = 500,
+        every_n_epochs: int = 1,
+        guidance_scale: float = 2.0,
+        num_steps: int = 20,
+        batch_size: int = 250,
+        seed: int = 0,
+    ):
+        self.cache_dir, self.data_dir = cache_dir, data_dir
+        self.n, self.every_n_epochs, self.guidance_scale = n, every_n_epochs, guidance_scale
+        self.num_steps, self.batch_size, self.seed = num_steps, batch_size, seed
+        self.evaluator: MNISTEvaluator | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero and self.evaluator is None:
+            self.evaluator = MNISTEvaluator.from_cache(self.cache_dir, self.data_dir)
+            if self.n < self.evaluator.min_samples:
+                raise ValueError(
+                    f"callbacks.generative_metrics.n={self.n} is below the {self.evaluator.min_samples} "
+                    "samples FID needs; raise n."
+                )
+
+    # Inside the validation epoch, so the EMA weights are the ones being scored.
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        metrics = self._score(pl_module)
+        for name, value in (metrics or {}).items():
+            pl_module.log(f"val/{name}", value, rank_zero_only=True)
+
+    @rank_zero_only
+    def _score(self, pl_module) -> dict:
+        sampler = pl_module.make_sampler(num_steps=self.num_steps)
+        labels = balanced_labels(self.n, pl_module.encoder.num_classes)
+        images = []
+        for k, chunk in enumerate(labels.split(self.batch_size)):
+            generator = torch.Generator().manual_seed(self.seed + k)
+            images.append(pl_module.generate(chunk, self.guidance_scale, sampler, generator).cpu())
+        result = self.evaluator.evaluate(torch.cat(images), labels)
+        return {key: result[key] for key in ("fid", "kid_mean", "accuracy", "fid_real_floor")}

@@ -1,8 +1,9 @@
-"""Training throughput of ConditionalUNet (default small preset) per conditioning method vs diffusers.
+"""Training throughput of ConditionalUNet (default preset, conf/model/unet_small.yaml) per conditioning
+method vs diffusers.
 
 One training step = class encoder + net forward, eps-MSE, backward, AdamW step, at batch 128 on
-2 CPU threads. The peer is diffusers' `UNet2DModel` with the same block_out_channels (32, 64, 128),
-layers_per_block=2, attention at 7x7 and a class embedding, run natively at 28x28 (its two
+2 CPU threads. The peer is diffusers' `UNet2DModel` with the same block_out_channels and
+layers_per_block, attention at 7x7 and a class embedding, run natively at 28x28 (its two
 downsamplings divide 28, so no padding to 32 is needed). Models are timed in interleaved rounds and the
 median is kept, which matters on a shared machine. Prints a table, writes benchmarks/results/*.json.
 
@@ -21,8 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion_lab import CONFIG_DIR
 from diffusion_lab.nets.conditioning import (
     AdaLNConditioning,
     ConcatConditioning,
@@ -33,7 +36,8 @@ from diffusion_lab.nets.encoders import ClassEncoder
 from diffusion_lab.nets.unet import ConditionalUNet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unet_throughput.json"
-SMALL = dict(channels=(32, 64, 128), num_res_blocks=2, attention_resolutions=(7,), attention_heads=4)
+PRESET = OmegaConf.load(Path(CONFIG_DIR) / "model" / "unet_small.yaml")
+SMALL = {k: PRESET[k] for k in ("channels", "num_res_blocks", "attention_resolutions", "attention_heads")}
 METHODS = {
     "none": NoConditioning,
     "concat": ConcatConditioning,
@@ -63,8 +67,8 @@ class DiffusersStep(torch.nn.Module):
             sample_size=28,
             in_channels=1,
             out_channels=1,
-            block_out_channels=(32, 64, 128),
-            layers_per_block=2,
+            block_out_channels=tuple(SMALL["channels"]),
+            layers_per_block=SMALL["num_res_blocks"],
             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
             up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             norm_num_groups=8,

@@ -2,6 +2,7 @@
 
     dlab-viz schedules --out outputs/viz   # ᾱ_t and log-SNR vs t for every conf/schedule/*.yaml
     dlab-viz forward --out outputs/viz     # one real digit noised at t = 0, T/10, …, T, one row per schedule
+    dlab-viz trajectory --ckpt last        # the reverse process of a trained model: GIF + PNG strip
 
 Schedules come from the real configs (conf/schedule/), so a new schedule file shows up here without code.
 Each subcommand is one entry of `COMMANDS` (arguments + function), so more can be added beside them.
@@ -22,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from diffusion_lab import CONFIG_DIR  # noqa: E402
+
+CONF_DIR = Path(CONFIG_DIR)
 DPI = 100
 # Figures are saved without bbox="tight" so the PNG size is exactly figsize · DPI pixels.
 SCHEDULES_FIGSIZE = (12.0, 4.5)
@@ -141,6 +144,58 @@ def _forward_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the (shared) noise")
 
 
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1, 1).add(1).div(2)
+
+
+@torch.no_grad()
+def plot_trajectory(args: argparse.Namespace) -> Path:
+    """One sample per class through the reverse process: `trajectory.gif` (x_t above x̂₀ at every step)
+    and `trajectory.png` (rows = classes; x_t at `--columns` steps, then x̂₀ at the same steps)."""
+    from PIL import Image
+
+    from diffusion_lab.sample import load_module
+
+    module, _ = load_module(args.ckpt)
+    sampler = module.make_sampler(num_steps=args.steps) if args.steps else module.sampler
+    labels = torch.arange(module.encoder.num_classes)
+    generator = torch.Generator().manual_seed(args.seed)
+    _, steps = module.generate(labels, args.guidance, sampler, generator, return_intermediates=True)
+    x_t, x0 = torch.stack(steps["x_t"], 1), torch.stack(steps["x0"], 1)  # (classes, steps, C, H, W)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for k in range(x_t.shape[1]):
+        both = torch.cat([_to_unit(x_t[:, k]), _to_unit(x0[:, k])])  # row 1: x_t, row 2: x̂₀
+        grid = make_grid(both, nrow=len(labels), padding=2, pad_value=1.0)
+        frame = Image.fromarray(grid.mul(255).byte().permute(1, 2, 0).numpy())
+        frames.append(frame.resize((frame.width * 3, frame.height * 3), Image.NEAREST))
+    frames += [frames[-1]] * 10  # hold the final samples
+    gif = out / "trajectory.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+    picks = torch.linspace(0, x_t.shape[1] - 1, min(args.columns, x_t.shape[1])).round().long()
+    strip = torch.cat([x_t[:, picks], x0[:, picks]], dim=1)  # (classes, 2 * columns, C, H, W)
+    grid = make_grid(_to_unit(strip.flatten(0, 1)), nrow=strip.shape[1], padding=2, pad_value=1.0)
+    fig = plt.figure(figsize=(grid.shape[2] / DPI, grid.shape[1] / DPI + 0.3))
+    ax = fig.add_axes((0, 0, 1, grid.shape[1] / (grid.shape[1] + 0.3 * DPI)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    timesteps = [sampler.timesteps[i].item() for i in picks]
+    fig.suptitle(f"x_t (left) and x̂₀ (right) at t = {timesteps}, guidance {args.guidance:g}", fontsize=8)
+    print(f"wrote {gif}")
+    return _save(fig, out, "trajectory.png")
+
+
+def _trajectory_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", default="last", help="checkpoint: `last`, a run folder or a .ckpt file")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sampler)")
+    parser.add_argument("--columns", type=int, default=8, help="steps shown in the PNG strip")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -151,7 +206,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "schedules": Command("ᾱ_t and log-SNR vs t for every schedule", _schedule_args, plot_schedules),
     "forward": Command("a real digit noised at t = 0 … T, one row per schedule", _forward_args, plot_forward),
-    # "trajectory": reverse-process strips from a checkpoint (added with the sampling code)
+    "trajectory": Command(
+        "the reverse process of a checkpoint: GIF and PNG strip", _trajectory_args, plot_trajectory
+    ),
 }
 
 

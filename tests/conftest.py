@@ -15,12 +15,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import diffusion_lab.utils.resolvers  # noqa: F401
+from diffusion_lab.metrics.classifier import EvaluatorMissingError, load_classifier
+from diffusion_lab.metrics.train_evaluator import train_evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("DLAB_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist")).resolve()
 
 torch.set_num_threads(2)
+
+# A random-weight CLIP text model small enough for unit tests (no weights can be downloaded here).
+TINY_CLIP = {
+    "model_type": "clip_text_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+CAPTIONS = ["a thin digit 3", "a bold seven leaning right", "zero", "a small 1"]
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +78,33 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def evaluator_cfg(cache_dir, *overrides: str) -> DictConfig:
+    """The real `dlab-train-evaluator` config, caching under `cache_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "evaluator", overrides=[f"paths.cache_dir={cache_dir}", f"paths.data_dir={DATA_DIR}", *overrides]
+        )
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """A cache dir holding the trained MNIST evaluator: trained once per machine (about a minute)."""
+    cache = Path(os.environ.get("DLAB_CACHE_DIR", ROOT / ".cache" / "pytest"))
+    try:
+        load_classifier(cache)
+    except EvaluatorMissingError:
+        train_evaluator(evaluator_cfg(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny training run through the CLI with every logger on: (cwd, run folder, process result)."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    result = run_cli("diffusion_lab.train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (cwd / "outputs" / "train" / "runs").iterdir()
+    return cwd, run_dir, result

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
 
 from tests.conftest import run_cli
 
@@ -30,16 +29,6 @@ def test_resume_from_missing_checkpoint_exits_nonzero(tmp_path):
     assert result.returncode != 0
     assert "runs/gone/last.ckpt" in result.stderr and "no checkpoint" in result.stderr
     assert "instantiating datamodule" not in result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny training run with every logger on, shared by the checks below."""
-    cwd = tmp_path_factory.mktemp("cli")
-    result = run_cli("diffusion_lab.train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (cwd / "outputs" / "train" / "runs").iterdir()
-    return cwd, run_dir, result
 
 
 def test_run_folder_layout(tiny_run):

@@ -43,7 +43,9 @@ class GenerativeMetrics(L.Callback):
                 )
 
     # Inside the validation epoch, so the EMA weights are the ones being scored.
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx != 0 or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
         metrics = self._score(pl_module)

@@ -1,7 +1,6 @@
 """The MNIST evaluator: classifier features for FID/KID, conditional accuracy, floors, caching, CLI.
 
-The classifier is trained once per machine by the session fixture (≈ 2 epochs on CPU) into
-`$DLAB_CACHE_DIR` or `<repo>/.cache/pytest`, and reused from there afterwards.
+The classifier is trained once per machine by the `cache_dir` session fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusion_lab.data.mnist import load_split
@@ -26,22 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = os.environ.get("DLAB_DATA_DIR", str(REPO.parent / "shared" / "data" / "mnist"))
 
 
-def evaluator_cfg(cache_dir, *overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "evaluator", overrides=[f"paths.cache_dir={cache_dir}", f"paths.data_dir={DATA_DIR}", *overrides]
-        )
-
-
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    """A cache dir holding a trained classifier: trained here (through `train_evaluator`) if missing."""
-    cache = Path(os.environ.get("DLAB_CACHE_DIR", REPO / ".cache" / "pytest"))
-    try:
-        load_classifier(cache)
-    except EvaluatorMissingError:
-        train_evaluator(evaluator_cfg(cache))
-    return cache
+from tests.conftest import evaluator_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="session")

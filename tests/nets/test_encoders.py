@@ -7,16 +7,9 @@ import torch
 
 from diffusion_lab.nets.condition import Condition
 from diffusion_lab.nets.encoders import ClassEncoder, HFTextEncoder
+from tests.conftest import CAPTIONS, TINY_CLIP
 
-TINY_CLIP = {
-    "model_type": "clip_text_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-}
 LABELS = torch.tensor([0, 3, 9, 3])
-CAPTIONS = ["a thin digit 3", "a bold seven leaning right", "zero", "a small 1"]
 
 
 def assert_same_condition(a: Condition, b: Condition) -> None:

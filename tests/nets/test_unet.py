@@ -22,6 +22,7 @@ from diffusion_lab.nets.conditioning import (
 from diffusion_lab.nets.encoders import ClassEncoder, HFTextEncoder
 from diffusion_lab.nets.layers import AdaLNZeroBlock
 from diffusion_lab.nets.unet import ConditionalUNet
+from tests.conftest import CAPTIONS, TINY_CLIP
 
 D = 32  # context width shared by encoders and nets, as ${condition.dim} does in the configs
 METHODS = {
@@ -30,14 +31,6 @@ METHODS = {
     "cross_attn": CrossAttnConditioning,
     "adaln": AdaLNConditioning,
 }
-TINY_CLIP = {
-    "model_type": "clip_text_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-}
-CAPTIONS = ["a thin digit 3", "a bold seven leaning right", "zero", "a small 1"]
 
 
 def make_net(method: str, **kw) -> ConditionalUNet:

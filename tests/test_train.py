@@ -73,3 +73,10 @@ def test_resume_from_missing_checkpoint_is_an_error(compose_cfg, tmp_path):
     cfg = compose_cfg("debug=tiny", f"ckpt_path={tmp_path}/nowhere/last.ckpt")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train(cfg)
+
+
+def test_sample_grid_every_n_epochs_counts_from_one(compose_cfg, tmp_path):
+    cfg = compose_cfg("debug=tiny", "trainer.max_epochs=2", "callbacks.sample_grid.every_n_epochs=2")
+    train(cfg)
+    # 3 steps an epoch: the grid comes after the 2nd epoch (step 6), not after the 1st.
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000006.png"]

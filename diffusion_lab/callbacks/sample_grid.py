@@ -48,7 +48,7 @@ class SampleGrid(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+        if batch_idx != 0 or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if pl_module.encoder.input_key != "label":
             return  # caption models get their grids from a prompt list, not class rows

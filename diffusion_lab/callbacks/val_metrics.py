@@ -46,7 +46,7 @@ class GenerativeMetrics(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+        if batch_idx != 0 or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         metrics = self._score(pl_module)
         for name, value in (metrics or {}).items():

@@ -171,9 +171,9 @@ def plot_trajectory(args: argparse.Namespace) -> Path:
         grid = make_grid(both, nrow=len(labels), padding=2, pad_value=1.0)
         frame = Image.fromarray(grid.mul(255).byte().permute(1, 2, 0).numpy())
         frames.append(frame.resize((frame.width * 3, frame.height * 3), Image.NEAREST))
-    frames += [frames[-1]] * 10  # hold the final samples
     gif = out / "trajectory.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    durations = [80] * (len(frames) - 1) + [2000]  # ms; hold the final samples
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
     picks = torch.linspace(0, x_t.shape[1] - 1, min(args.columns, x_t.shape[1])).round().long()
     strip = torch.cat([x_t[:, picks], x0[:, picks]], dim=1)  # (classes, 2 * columns, C, H, W)

@@ -70,7 +70,9 @@ def test_trajectory_gif_and_strip(tiny_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(tmp_path / "trajectory.gif") as gif:
-        assert gif.n_frames == 4 + 10  # one per step, then the final samples held
+        assert gif.n_frames == 4  # one per sampling step
+        gif.seek(3)
+        assert gif.info["duration"] == 2000  # the final samples are held
         # 10 classes of 28 px plus 2 px padding, 2 rows (x_t, x̂₀), upscaled 3x
         assert gif.size == (3 * (10 * 30 + 2), 3 * (2 * 30 + 2))
     with Image.open(tmp_path / "trajectory.png") as strip:

@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 import diffusion_lab.utils.resolvers  # noqa: F401  (registers ${dlab_*:} before Hydra composes)
 from diffusion_lab import CONFIG_DIR
 from diffusion_lab.module import DiffusionModule
+from diffusion_lab.train import build_module
 from diffusion_lab.utils.checkpoints import find_checkpoint
 
 log = logging.getLogger("diffusion_lab")
@@ -34,8 +35,6 @@ def load_module(
 
     The EMA callback stores the averaged weights as the checkpoint's `state_dict`.
     """
-    from diffusion_lab.train import build_module  # train imports this module's neighbours
-
     path = find_checkpoint(str(ckpt), runs_dir)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not checkpoint.get("run_config"):

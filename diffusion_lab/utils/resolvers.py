@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -23,11 +24,9 @@ def _wandb_offline() -> bool:
     """Offline unless the user is logged in or asked for online mode explicitly."""
     if os.environ.get("WANDB_MODE") in ("online", "run"):
         return False
-    has_netrc_key = (
-        os.path.exists(os.path.expanduser("~/.netrc"))
-        and "api.wandb.ai" in open(os.path.expanduser("~/.netrc")).read()
-    )
-    return not (os.environ.get("WANDB_API_KEY") or has_netrc_key)
+    netrc = Path("~/.netrc").expanduser()  # where `wandb login` stores the key
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    return not (os.environ.get("WANDB_API_KEY") or logged_in)
 
 
 def register() -> None:

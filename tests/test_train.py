@@ -80,3 +80,10 @@ def test_sample_grid_every_n_epochs_counts_from_one(compose_cfg, tmp_path):
     train(cfg)
     # 3 steps an epoch: the grid comes after the 2nd epoch (step 6), not after the 1st.
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000006.png"]
+
+
+def test_test_split_runs_after_fit(compose_cfg):
+    cfg = compose_cfg("debug=tiny", "test=true", "data.batch_size=250", "+trainer.limit_test_batches=2")
+    metrics, objects = train(cfg)
+    assert metrics["test/loss"] > 0
+    assert len(objects["datamodule"].test_set) == 10_000  # the official test split

@@ -43,12 +43,12 @@ def plot_sweep(ax_fid, ax_acc, xs, rows: list[dict], label: str, floor: float | 
 def save_figure(fig, path: Path, loggers) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     for logger in loggers:  # image loggers get the plot too; CSV keeps the numbers
         if hasattr(logger, "log_image"):
             logger.log_image(f"eval/{path.stem}", images=[str(path)])
         elif hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure(f"eval/{path.stem}", fig)
+            logger.experiment.add_figure(f"eval/{path.stem}", fig, close=False)
+    plt.close(fig)  # after the loggers: TensorBoard renders the figure itself
 
 
 def run(cfg: DictConfig) -> dict:

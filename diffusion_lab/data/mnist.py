@@ -55,8 +55,7 @@ class TensorImageDataset(Dataset):
 
     def __getitems__(self, indices):
         # Batched fetch: one tensor gather instead of B python-level item calls.
-        index = torch.as_tensor(indices)
-        return {"image": self.images[index].float().div(127.5).sub(1.0), "label": self.labels[index]}
+        return self[torch.as_tensor(indices)]
 
 
 def _identity_collate(batch):

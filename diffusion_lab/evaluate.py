@@ -11,15 +11,15 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import matplotlib
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import diffusion_lab.utils.resolvers  # noqa: F401  (registers ${dlab_*:} before Hydra composes)
-from diffusion_lab import CONFIG_DIR
+from diffusion_lab.cli import hydra_app
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.inference import balanced_labels, generate_batched, load_module, pick_device, sampler_for
 from diffusion_lab.metrics.fid import MNISTEvaluator
-from diffusion_lab.sample import balanced_labels, generate_batched, load_module, pick_device, sampler_for
+from diffusion_lab.utils import checks
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,11 +51,31 @@ def save_figure(fig, path: Path, loggers) -> None:
     plt.close(fig)  # after the loggers: TensorBoard renders the figure itself
 
 
+def check_arguments(cfg: DictConfig) -> None:
+    checks.positive_int(cfg, "n", 5000)
+    checks.guidance_scales(cfg)
+    checks.optional_positive_int(cfg, "steps", 20)
+    checks.positive_int(cfg, "batch_size", 500)
+    checks.positive_int(cfg.steps_sweep, "n", 1000)
+    checks.guidance_scales(cfg.steps_sweep, "guidance")
+    for steps in checks.as_list(cfg.steps_sweep.steps):
+        checks.positive_int({"steps_sweep.steps": steps}, "steps_sweep.steps", 20)
+    unknown = set(checks.as_list(cfg.steps_sweep.samplers)) - set(cfg.samplers)
+    if unknown:
+        raise ConfigError(
+            f"steps_sweep.samplers={list(cfg.steps_sweep.samplers)}: {sorted(unknown)} unknown; "
+            f"choose from {sorted(cfg.samplers)}"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
+    check_arguments(cfg)
+    out = checks.writable_dir(cfg.paths.output_dir)
     evaluator = MNISTEvaluator.from_cache(cfg.paths.cache_dir, cfg.paths.data_dir)
-    module, path = load_module(cfg.ckpt, pick_device(cfg.device), f"{cfg.paths.log_dir}/train/runs")
-    out = Path(cfg.paths.output_dir)
+    evaluator.require(cfg.n)
+    evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
+    module, path = load_module(cfg.ckpt_path, pick_device(cfg.device), f"{cfg.paths.log_dir}/train/runs")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
 
@@ -111,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra_app("eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

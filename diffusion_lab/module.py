@@ -17,6 +17,7 @@ from torch import nn
 
 from diffusion_lab.diffusion.samplers import Sampler, sample
 from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.errors import DivergedError
 
 
 class DiffusionModule(L.LightningModule):
@@ -82,7 +83,26 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self._step_loss = loss.detach()
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A non-finite loss or gradient stops the run before it reaches the weights, so it can never
+        # be saved as a checkpoint. Under fp16 loss scaling inf gradients are expected (the scaler
+        # skips those steps), so the check is left to the scaler there.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        )
+        if not torch.isfinite(torch.stack([self._step_loss.float(), grad_norm])).all():
+            lr = optimizer.param_groups[0]["lr"]
+            raise DivergedError(
+                f"training diverged at step {self.global_step}: loss {self._step_loss.item():.4g}, "
+                f"gradient norm {grad_norm.item():.4g}. The weights of this step were not applied or saved. "
+                f"Lower optimizer.lr (the learning rate was {lr:.3g}) or lengthen lr_scheduler.warmup_steps."
+            )
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         # A fixed generator per batch: the validation loss of two epochs differs only by the weights.

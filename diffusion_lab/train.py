@@ -3,51 +3,54 @@
 from __future__ import annotations
 
 import logging
-import warnings
+import math
+from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import diffusion_lab.utils.resolvers  # noqa: F401  (registers ${dlab_*:} before Hydra composes)
-from diffusion_lab import CONFIG_DIR
-from diffusion_lab.module import DiffusionModule
-from diffusion_lab.utils.checkpoints import find_checkpoint
-from diffusion_lab.utils.run import build, print_config_tree, task_wrapper, write_metrics
+from diffusion_lab.cli import hydra_app
+from diffusion_lab.errors import ConfigError, DivergedError
+from diffusion_lab.utils.checkpoints import find_checkpoint, read_checkpoint
+from diffusion_lab.utils.instantiate import build, build_module
+from diffusion_lab.utils.resume import check_resume_config
+from diffusion_lab.utils.run import print_config_tree, record_dir, write_metrics
 
 log = logging.getLogger("diffusion_lab")
 
-# With OnExceptionCheckpoint, Lightning turns fit(ckpt_path=None) into "last" and warns twice when a
-# fresh run folder has no checkpoint yet. Resuming here is explicit (`ckpt_path=`), so both are noise.
-warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
-warnings.filterwarnings(
-    "ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint"
-)
 
-
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The LightningModule from a composed config (also used to rebuild it from a checkpoint)."""
-    return build(
-        "module",
-        cfg.module,
-        net=build("net", cfg.model),
-        schedule=build("schedule", cfg.schedule),
-        encoder=build("condition encoder", cfg.condition),
-        sampler=build("sampler", cfg.sampler),
-        optimizer=build("optimizer", cfg.optimizer),
-        lr_scheduler=build("lr_scheduler", cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU recipe on a machine without one: say which choice asked for it and how to run on the CPU."""
+    accelerator = cfg.trainer.get("accelerator")
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    why = f"trainer={choices.get('trainer')}"
+    if choices.get("experiment"):
+        why += f", chosen by experiment={choices['experiment']}"
+    raise ConfigError(
+        f"trainer.accelerator={accelerator} ({why}) needs a GPU and this machine has none. "
+        "Add trainer=cpu to run the same recipe on the CPU (slower), or run it on a GPU machine."
     )
 
 
-@task_wrapper
+def resolve_resume(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from, checked against this run's config before anything is built."""
+    if not cfg.get("ckpt_path"):
+        return None
+    path = find_checkpoint(str(cfg.ckpt_path), f"{cfg.paths.log_dir}/{cfg.task_name}/runs")
+    check_resume_config(read_checkpoint(path).get("run_config"), cfg, path)
+    log.info("resuming from %s", path)
+    return path
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit (and optionally test) the configured model. Returns (metrics, objects)."""
-    # Fail on a missing checkpoint before spending time on data or models.
-    ckpt_path = None
-    if cfg.get("ckpt_path"):
-        ckpt_path = find_checkpoint(str(cfg.ckpt_path), f"{cfg.paths.log_dir}/{cfg.task_name}/runs")
-        log.info("resuming from %s", ckpt_path)
+    # Fail on a wrong checkpoint or a missing GPU before spending time on data or models.
+    check_accelerator(cfg)
+    ckpt_path = resolve_resume(cfg)
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("datamodule", cfg.data)
@@ -65,18 +68,22 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
         metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)})
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise DivergedError(
+            f"training finished with non-finite metrics {bad}; lower optimizer.lr and retrain."
+        )
     if not trainer.fast_dev_run:
         write_metrics(metrics, cfg.paths.output_dir)
     log.info("final metrics: %s", metrics)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_app("train")
 def main(cfg: DictConfig) -> float | None:
-    print_config_tree(cfg, save_to=cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=record_dir(cfg))
     metrics, _ = train(cfg)
-    # The value a Hydra sweeper (e.g. Optuna) optimises.
-    return metrics.get("val/loss")
+    return metrics.get("val/loss")  # the value a Hydra sweeper (e.g. Optuna) optimises
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import diffusion_lab.utils.resolvers  # noqa: F401
 from diffusion_lab.metrics.classifier import EvaluatorMissingError, load_classifier
-from diffusion_lab.metrics.train_evaluator import train_evaluator
+from diffusion_lab.utils import resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("DLAB_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist")).resolve()
+CACHE_DIR = Path(os.environ.get("DLAB_CACHE_DIR", ROOT / ".cache" / "pytest")).resolve()
+BIN_DIR = Path(sys.executable).parent  # the venv's console scripts
 
 torch.set_num_threads(2)
 
@@ -47,6 +48,7 @@ def compose_cfg(tmp_path, data_dir):
     """compose_cfg(*overrides, config_name="train") -> the real config, writing under tmp_path, on CPU."""
 
     def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
+        resolvers.register()  # what the console scripts' entry wrapper does before composing
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
@@ -65,46 +67,42 @@ def compose_cfg(tmp_path, data_dir):
 
 
 def run_cli(
-    *args: str, cwd: Path, env: dict | None = None, timeout: int = 900
+    command: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    """Run a console entry point the way a user does (a subprocess), with offline W&B and real MNIST."""
-    full_env = {
-        **os.environ,
-        "DLAB_DATA_DIR": str(DATA_DIR),
-        "WANDB_MODE": "offline",
-        "PYTHONUNBUFFERED": "1",
-    }
-    full_env.update(env or {})
+    """Run an installed console script the way a user does: a subprocess from `cwd`, with only the
+    data and cache folders set (plus PATH and HOME, which every shell has)."""
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+        [str(BIN_DIR / command), *args],
+        cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
-def evaluator_cfg(cache_dir, *overrides: str) -> DictConfig:
-    """The real `dlab-train-evaluator` config, caching under `cache_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "evaluator", overrides=[f"paths.cache_dir={cache_dir}", f"paths.data_dir={DATA_DIR}", *overrides]
-        )
+def user_env(extra: dict | None = None) -> dict:
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "DLAB_DATA_DIR": str(DATA_DIR),
+        "DLAB_CACHE_DIR": str(CACHE_DIR),
+        **(extra or {}),
+    }
 
 
 @pytest.fixture(scope="session")
-def cache_dir() -> Path:
+def cache_dir(tmp_path_factory) -> Path:
     """A cache dir holding the trained MNIST evaluator: trained once per machine (about a minute)."""
-    cache = Path(os.environ.get("DLAB_CACHE_DIR", ROOT / ".cache" / "pytest"))
     try:
-        load_classifier(cache)
+        load_classifier(CACHE_DIR)
     except EvaluatorMissingError:
-        train_evaluator(evaluator_cfg(cache))
-    return cache
+        result = run_cli("dlab-train-evaluator", cwd=tmp_path_factory.mktemp("evaluator"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return CACHE_DIR
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny training run through the CLI with every logger on: (cwd, run folder, process result)."""
     cwd = tmp_path_factory.mktemp("tiny_run")
-    result = run_cli("diffusion_lab.train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
+    result = run_cli("dlab-train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (cwd / "outputs" / "train" / "runs").iterdir()
+    (run_dir,) = (cwd / "outputs" / "debug" / "runs").iterdir()
     return cwd, run_dir, result

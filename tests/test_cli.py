@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 
 def test_wrong_group_option_fails_before_loading_data(tmp_path):
-    result = run_cli("diffusion_lab.train", "conditioning=nope", cwd=tmp_path)
+    result = run_cli("dlab-train", "conditioning=nope", cwd=tmp_path)
     assert result.returncode != 0
     assert "Could not find 'conditioning/nope'" in result.stderr
     assert "Available options" in result.stderr and "cross_attn" in result.stderr
@@ -18,22 +18,23 @@ def test_wrong_group_option_fails_before_loading_data(tmp_path):
 
 
 def test_misspelt_key_fails_before_loading_data(tmp_path):
-    result = run_cli("diffusion_lab.train", "trainer.max_epoch=1", cwd=tmp_path)
+    result = run_cli("dlab-train", "trainer.max_epoch=1", cwd=tmp_path)
     assert result.returncode != 0
     assert "max_epoch" in result.stderr and "not in struct" in result.stderr
     assert "instantiating datamodule" not in result.stdout + result.stderr
 
 
 def test_resume_from_missing_checkpoint_exits_nonzero(tmp_path):
-    result = run_cli("diffusion_lab.train", "debug=tiny", "ckpt_path=runs/gone/last.ckpt", cwd=tmp_path)
+    result = run_cli("dlab-train", "debug=tiny", "ckpt_path=runs/gone/last.ckpt", cwd=tmp_path)
     assert result.returncode != 0
     assert "runs/gone/last.ckpt" in result.stderr and "no checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "instantiating datamodule" not in result.stdout + result.stderr
 
 
 def test_run_folder_layout(tiny_run):
     _, run_dir, result = tiny_run
-    for path in ["checkpoints/last.ckpt", ".hydra/config.yaml", "metrics.json", "config_tree.log"]:
+    for path in ["checkpoints/last.ckpt", ".hydra/config.yaml", "metrics.json", ".hydra/config_tree.log"]:
         assert (run_dir / path).is_file(), path
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))  # one grid per validation
     assert "model_checkpoint" in result.stdout  # the printed config tree
@@ -68,7 +69,7 @@ def test_dlab_sample_writes_the_npz_contract(tiny_run, tmp_path):
     cwd, run_dir, _ = tiny_run
     out = tmp_path / "samples"
     result = run_cli(
-        "diffusion_lab.sample", f"ckpt={run_dir}", "n=12", "guidance=[0.0,2.0]", "sampler=dpmpp",
+        "dlab-sample", f"ckpt_path={run_dir}", "n=12", "guidance=[0.0,2.0]", "sampler=dpmpp",
         "steps=3", f"out={out}", cwd=cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,6 +81,6 @@ def test_dlab_sample_writes_the_npz_contract(tiny_run, tmp_path):
 
 
 def test_dlab_sample_missing_checkpoint_is_clear(tmp_path):
-    result = run_cli("diffusion_lab.sample", "ckpt=last", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "ckpt_path=last" in result.stderr or "no run under" in result.stderr
+    result = run_cli("dlab-sample", cwd=tmp_path)  # ckpt_path=last by default
+    assert result.returncode == 1
+    assert "ckpt_path=last: no run under" in result.stderr and "Traceback" not in result.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion_lab.train import build_module
+from diffusion_lab.utils.instantiate import build_module
 from tests.conftest import CONF_DIR
 
 GROUPS = [

@@ -12,12 +12,12 @@ from tests.conftest import run_cli
 
 def test_ddp_two_cpu_processes(tmp_path):
     result = run_cli(
-        "diffusion_lab.train", "debug=tiny", "trainer=ddp_cpu", "trainer.limit_train_batches=2", cwd=tmp_path
+        "dlab-train", "debug=tiny", "trainer=ddp_cpu", "trainer.limit_train_batches=2", cwd=tmp_path
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "MEMBER: 2/2" in output  # Lightning started and joined the second rank
-    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    (run_dir,) = (tmp_path / "outputs" / "debug" / "runs").iterdir()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -26,9 +26,9 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     sweep_args = ["-m", "debug=tiny", "conditioning=concat,adaln", "trainer.limit_train_batches=2"]
-    result = run_cli("diffusion_lab.train", *sweep_args, cwd=tmp_path)
+    result = run_cli("dlab-train", *sweep_args, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1"]
     seen = []

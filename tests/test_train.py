@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import open_dict
 
+from diffusion_lab.callbacks.checkpointing import VerifiedModelCheckpoint
+from diffusion_lab.errors import CheckpointError
 from diffusion_lab.train import train
 
 FAST_DEV_RUNS = [
@@ -69,10 +75,55 @@ def test_resume_continues_exactly(compose_cfg, tmp_path):
     assert differs
 
 
+def _step_losses(run_dir) -> dict[int, float]:
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as file:
+            rows += [r for r in csv.DictReader(file) if r.get("train/loss")]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}
+
+
+def test_resume_from_a_mid_epoch_checkpoint_continues_exactly(compose_cfg, tmp_path):
+    """10 steps straight against 5 steps, stop, resume to 10, inside one 20-batch epoch."""
+    step_based = ["trainer.max_epochs=-1", "trainer.limit_train_batches=20", "trainer.val_check_interval=5",
+                  "trainer.check_val_every_n_epoch=null", "trainer.log_every_n_steps=1",
+                  "lr_scheduler.total_steps=10"]  # fmt: skip
+    _run(compose_cfg, tmp_path, "straight", *step_based, "trainer.max_steps=10")
+    _run(compose_cfg, tmp_path, "resumed", *step_based, "trainer.max_steps=5")
+    first = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, weights_only=False)["global_step"] == 5  # mid-epoch: batch 5 of 20
+    _run(compose_cfg, tmp_path, "resumed", *step_based, "trainer.max_steps=10", f"ckpt_path={first}")
+
+    straight, resumed = _step_losses(tmp_path / "straight"), _step_losses(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(straight) == list(range(10))
+    assert resumed == straight  # every step's loss, to the last bit
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    for key in ("state_dict", "current_model_state"):  # EMA and raw weights
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+
+
 def test_resume_from_missing_checkpoint_is_an_error(compose_cfg, tmp_path):
     cfg = compose_cfg("debug=tiny", f"ckpt_path={tmp_path}/nowhere/last.ckpt")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(CheckpointError, match="nowhere"):
         train(cfg)
+
+
+def test_a_checkpoint_that_was_not_written_fails_the_run(tmp_path):
+    """Lightning's writer can swallow a PermissionError; the verified callback notices the missing file."""
+    callback = VerifiedModelCheckpoint(dirpath=tmp_path)
+    trainer = SimpleNamespace(save_checkpoint=lambda *args: None, global_step=3, is_global_zero=True, loggers=[])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        callback._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
+
+    def truncated(path, *args):
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:-500])
+
+    trainer.save_checkpoint = truncated
+    with pytest.raises(CheckpointError, match="saving the checkpoint .*last.ckpt failed"):
+        callback._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
 
 
 def test_sample_grid_every_n_epochs_counts_from_one(compose_cfg, tmp_path):

@@ -10,6 +10,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from diffusion_lab.utils.images import to_unit
+
 
 def class_grid(
     module, num_classes: int, per_class: int, guidance_scales, sampler, seed: int = 0
@@ -24,7 +26,7 @@ def class_grid(
         blocks.append(images.view(num_classes, per_class, *images.shape[1:]))
     # (classes, scales * per_class, C, H, W): columns grouped by guidance scale.
     rows = torch.cat(blocks, dim=1)
-    flat = rows.flatten(0, 1).clamp(-1, 1).add(1).div(2).cpu()
+    flat = to_unit(rows.flatten(0, 1)).cpu()
     return make_grid(flat, nrow=rows.shape[1], padding=2, pad_value=1.0)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from diffusion_lab.inference import balanced_labels, generate_batched
 from diffusion_lab.metrics.fid import MNISTEvaluator
-from diffusion_lab.sample import balanced_labels
 
 
 class GenerativeMetrics(L.Callback):
@@ -36,11 +35,7 @@ class GenerativeMetrics(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if trainer.is_global_zero and self.evaluator is None:
             self.evaluator = MNISTEvaluator.from_cache(self.cache_dir, self.data_dir)
-            if self.n < self.evaluator.min_samples:
-                raise ValueError(
-                    f"callbacks.generative_metrics.n={self.n} is below the {self.evaluator.min_samples} "
-                    "samples FID needs; raise n."
-                )
+            self.evaluator.require(self.n, "callbacks.generative_metrics.n")
 
     # Inside the validation epoch, so the EMA weights are the ones being scored.
     def on_validation_batch_end(
@@ -56,9 +51,8 @@ class GenerativeMetrics(L.Callback):
     def _score(self, pl_module) -> dict:
         sampler = pl_module.make_sampler(num_steps=self.num_steps)
         labels = balanced_labels(self.n, pl_module.encoder.num_classes)
-        images = []
-        for k, chunk in enumerate(labels.split(self.batch_size)):
-            generator = torch.Generator().manual_seed(self.seed + k)
-            images.append(pl_module.generate(chunk, self.guidance_scale, sampler, generator).cpu())
-        result = self.evaluator.evaluate(torch.cat(images), labels)
+        images = generate_batched(
+            pl_module, labels, self.guidance_scale, sampler, self.batch_size, self.seed, progress=False
+        )
+        result = self.evaluator.evaluate(images, labels)
         return {key: result[key] for key in ("fid", "kid_mean", "accuracy", "fid_real_floor")}

@@ -1,22 +1,50 @@
 """MNIST / Fashion-MNIST as in-memory uint8 tensors, normalised on the fly.
 
 Decoding 60k PIL images per epoch dominates a small diffusion run on CPU, so each split is read once
-with torchvision into a single uint8 tensor and batches are sliced from it.
+with torchvision into a single uint8 tensor and batches are sliced from it. The train loader is
+resumable: a checkpoint saved mid-epoch records how many batches were handed out, and the resumed
+run continues with the next batch of the same epoch order.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from diffusion_lab.errors import DataError
+from diffusion_lab.utils.images import to_model_range
+
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+FIX = (
+    "Fix it by deleting the file and running with data.download=true on a machine with internet access, "
+    "or by pointing DLAB_DATA_DIR (or paths.data_dir=...) at a folder with a good copy."
+)
 
 
-class DataFolderError(FileNotFoundError):
-    """The data folder does not hold the dataset and downloading is off."""
+def check_idx_file(path: Path) -> None:
+    """Raise DataError unless `path` is a whole IDX file: its size must match its header.
+
+    torchvision only reports a truncated download as a reshape error, which reads like a missing
+    dataset. The header is 2 zero bytes, dtype 0x08 (uint8), ndim, then ndim big-endian uint32 dims.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+        dims = f.read(4 * magic[3]) if len(magic) == 4 else b""
+    if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or len(dims) < 4 * magic[3]:
+        problem = f"does not start with a uint8 IDX header (magic {magic.hex() or 'empty'}, {size} bytes)"
+    else:
+        shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
+        expected = 4 + len(dims) + math.prod(shape)
+        if size == expected:
+            return
+        problem = f"has {size} bytes but its header (shape {shape}) needs {expected}"
+    raise DataError(f"{path} {problem}: it is truncated or corrupt. {FIX}")
 
 
 def load_split(root: str | Path, train: bool, dataset: str = "mnist", download: bool = False):
@@ -27,12 +55,16 @@ def load_split(root: str | Path, train: bool, dataset: str = "mnist", download: 
         raise ValueError(f"data.dataset={dataset!r} is not known; expected one of {sorted(DATASETS)}")
     cls = getattr(torchvision.datasets, DATASETS[dataset])
     root = Path(root).expanduser()
+    raw = root / DATASETS[dataset] / "raw"
+    for kind in ("images-idx3", "labels-idx1"):  # missing files are torchvision's (or download's) job
+        path = raw / f"{'train' if train else 't10k'}-{kind}-ubyte"
+        if path.is_file():
+            check_idx_file(path)
     try:
         ds = cls(root=str(root), train=train, download=download)
     except (RuntimeError, OSError) as err:  # not found, or the download failed (no network)
-        raw = root / DATASETS[dataset] / "raw"
         why = f"downloading it failed ({err})" if download else "downloading is off"
-        raise DataFolderError(
+        raise DataError(
             f"{DATASETS[dataset]} was not found in {raw} (paths.data_dir={str(root)!r}) and {why}. "
             f"Fix it by either pointing DLAB_DATA_DIR (or paths.data_dir=...) at a folder that holds "
             f"{DATASETS[dataset]}/raw/*-ubyte, or turning downloading on with data.download=true "
@@ -51,7 +83,7 @@ class TensorImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
-        return {"image": self.images[index].float().div(127.5).sub(1.0), "label": self.labels[index]}
+        return {"image": to_model_range(self.images[index]), "label": self.labels[index]}
 
     def __getitems__(self, indices):
         # Batched fetch: one tensor gather instead of B python-level item calls.
@@ -60,6 +92,56 @@ class TensorImageDataset(Dataset):
 
 def _identity_collate(batch):
     return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose next pass starts at index `start` of this rank's list.
+
+    `len` stays the full epoch so Lightning's batch index (which continues after a resume) and its
+    `is_last_batch` bookkeeping still line up with the batches that are actually left.
+    """
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A train DataLoader that Lightning can checkpoint mid-epoch (the `_Stateful` protocol).
+
+    Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore, but
+    a plain loader would restart the epoch from its first batch while the batch index continues.
+    Lightning does not prefetch sized loaders, so the count of batches handed out is exactly the
+    count trained. No `__init__`: Lightning rebuilds loaders from DataLoader's own arguments (e.g.
+    for `overfit_batches`), so the signature must stay DataLoader's.
+    """
+
+    _epoch: int | None = None  # the epoch of the pass in progress, None before the first
+    _batches = 0  # batches handed out in that pass
+    _resume: dict | None = None  # a loaded state, applied to the next pass of the same epoch
+
+    def state_dict(self) -> dict:
+        epoch = getattr(self.sampler, "epoch", 0) if self._epoch is None else self._epoch
+        return {"epoch": epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        # A generator: this body runs at the first next(), after Lightning's set_epoch (it calls
+        # iter() before that), so the epoch compared here is the one about to be trained.
+        state, self._resume = self._resume, None
+        self._epoch, skip = getattr(self.sampler, "epoch", 0), 0
+        if isinstance(self.sampler, ResumableSampler):
+            if state is not None and state["epoch"] == self._epoch:
+                skip = state["batches"]
+            # Skip in the sampler, so the images of the trained batches are never loaded.
+            self.sampler.start = skip * self.batch_size
+        self._batches = skip
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -104,7 +186,7 @@ class MNISTDataModule(L.LightningDataModule):
             )
         # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a
         # resumed run sees exactly the order an uninterrupted one would (Lightning calls set_epoch).
-        sampler = DistributedSampler(
+        sampler = ResumableSampler(
             dataset,
             num_replicas=world,
             rank=rank,
@@ -112,7 +194,8 @@ class MNISTDataModule(L.LightningDataModule):
             seed=self.hparams.split_seed,
             drop_last=shuffle,
         )
-        return DataLoader(
+        # Only the train loader needs to resume mid-epoch; val/test always run whole.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.hparams.batch_size // world,
             sampler=sampler,

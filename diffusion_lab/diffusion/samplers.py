@@ -17,8 +17,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from diffusion_lab.condition import Condition
 from diffusion_lab.diffusion.schedules import NoiseSchedule, _check_prediction_type, split_prediction
-from diffusion_lab.nets.condition import Condition
+from diffusion_lab.errors import ConfigError
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -62,7 +63,9 @@ class Sampler:
         spacing = spacing or self.spacing
         T = self.num_train_timesteps
         if not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+            raise ConfigError(
+                f"steps={num_steps}: the sampler needs 1 to {T} steps (the training schedule has {T})"
+            )
         if spacing == "leading":
             ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1]
         elif spacing == "trailing":
@@ -71,7 +74,7 @@ class Sampler:
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1]
         else:
-            raise ValueError(f"Unknown spacing {spacing!r}; options: {', '.join(SPACINGS)}")
+            raise ConfigError(f"Unknown spacing {spacing!r}; options: {', '.join(SPACINGS)}")
         self.num_steps, self.spacing = num_steps, spacing
         self.timesteps = torch.from_numpy(ts.astype(np.int64).copy())
         steps = self.timesteps.tolist()
@@ -130,7 +133,7 @@ class DDPMSampler(Sampler):
         variance: str = "beta",
     ):
         if variance not in ("beta", "posterior"):
-            raise ValueError(f"Unknown variance {variance!r}; options: beta, posterior")
+            raise ConfigError(f"Unknown variance {variance!r}; options: beta, posterior")
         self.variance = variance
         num_steps = schedule.num_timesteps if num_steps is None else num_steps
         super().__init__(schedule, prediction_type, num_steps, spacing, clip_sample)

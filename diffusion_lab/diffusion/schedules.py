@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from diffusion_lab.errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ BETA_SCHEDULES = {
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         options = ", ".join(PREDICTION_TYPES)
-        raise ValueError(f"Unknown prediction_type {prediction_type!r}; options: {options}")
+        raise ConfigError(f"Unknown prediction_type {prediction_type!r}; options: {options}")
 
 
 def split_prediction(model_output, x_t, alpha, sigma, prediction_type: str):
@@ -139,7 +141,7 @@ class NoiseSchedule(nn.Module):
     ):
         super().__init__()
         if kind not in BETA_SCHEDULES:
-            raise ValueError(f"Unknown schedule kind {kind!r}; options: {', '.join(BETA_SCHEDULES)}")
+            raise ConfigError(f"Unknown schedule kind {kind!r}; options: {', '.join(BETA_SCHEDULES)}")
         self.kind, self.num_timesteps, self.zero_terminal_snr = kind, num_timesteps, zero_terminal_snr
         betas = BETA_SCHEDULES[kind](num_timesteps, **beta_kwargs)
         if zero_terminal_snr:
@@ -235,7 +237,7 @@ class NoiseSchedule(nn.Module):
         if kind == "uniform":
             return torch.ones_like(snr)
         if kind != "min_snr":
-            raise ValueError(f"Unknown loss weight kind {kind!r}; options: uniform, min_snr")
+            raise ConfigError(f"Unknown loss weight kind {kind!r}; options: uniform, min_snr")
         if prediction_type == "epsilon":
             return (gamma / snr).clamp(max=1.0)
         clipped = snr.clamp(max=gamma)

@@ -18,24 +18,19 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from diffusion_lab.errors import DataError
+from diffusion_lab.utils.images import to_model_range
+
 CHECKPOINT_NAME = "classifier.pt"
 ACCURACY_NAME = "classifier.json"
 
 
-class EvaluatorMissingError(FileNotFoundError):
+class EvaluatorMissingError(DataError):
     """The cached classifier does not exist yet."""
 
 
 def evaluator_dir(cache_dir: str | Path) -> Path:
     return Path(cache_dir).expanduser() / "evaluator"
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [-1, 1] → float [-1, 1]; the classifier sees the same range as the diffusion
-    model, so samples can be scored before or after quantisation."""
-    if images.dtype == torch.uint8:
-        return images.float().div(127.5).sub(1.0)
-    return images.float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +65,7 @@ class MNISTClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, 28, 28) in [-1, 1] (or uint8) → (B, feature_dim) post-ReLU penultimate activations."""
-        return self.fc(self.body(to_unit_range(x).contiguous(memory_format=torch.channels_last)))
+        return self.fc(self.body(to_model_range(x).contiguous(memory_format=torch.channels_last)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -136,7 +131,7 @@ def train_classifier(
             order = torch.randperm(len(train_labels), generator=gen)
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                x = to_unit_range(train_images[idx])
+                x = to_model_range(train_images[idx])
                 loss = F.cross_entropy(
                     model(_shift(x, max_shift, gen) if max_shift else x), train_labels[idx]
                 )

@@ -20,17 +20,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.classifier import MNISTClassifier, evaluator_dir, load_classifier
+from diffusion_lab.utils.images import to_uint8
 
 REAL_FEATURES_NAME = "real_features_{dataset}_test.pt"
 KID_MAX_SUBSET = 1000  # torchmetrics' default; smaller N uses subsets of size N
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] → uint8 [0, 255] (rounded, clamped); uint8 passes through."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class ClassifierFeatures(nn.Module):
@@ -163,6 +158,14 @@ class MNISTEvaluator:
             self._floor_cache[n] = (metric.compute().item(), m)
         return self._floor_cache[n]
 
+    def require(self, n: int, key: str = "n") -> None:
+        """Fail before sampling when `n` images are too few for a full-rank FID covariance."""
+        if n < self.min_samples:
+            raise ConfigError(
+                f"{key}={n}: FID needs at least {self.min_samples} images (2 × feature dim "
+                f"{self.extractor.num_features}) for a full-rank covariance; got N={n}. Raise {key}."
+            )
+
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         """Metrics for generated `images` (uint8 or [-1, 1] float, (N, 1, 28, 28); tensor or numpy, any
@@ -170,11 +173,7 @@ class MNISTEvaluator:
         docstring. `per_class_accuracy` may hold nan, so it is not a flat float for `metrics.json`."""
         images, labels = torch.as_tensor(images).detach().cpu(), torch.as_tensor(labels).long().cpu()
         n = len(images)
-        if n < self.min_samples:
-            raise ValueError(
-                f"MNISTEvaluator needs at least {self.min_samples} images (2 × feature dim "
-                f"{self.extractor.num_features}) for a full-rank FID covariance; got N={n}."
-            )
+        self.require(n)
         if len(labels) != n:
             raise ValueError(f"Got {n} images but {len(labels)} labels")
         features = self.extractor(images)  # (N, D), shared by FID, KID and accuracy

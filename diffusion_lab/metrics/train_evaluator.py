@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab import CONFIG_DIR
+from diffusion_lab.cli import hydra_app
 from diffusion_lab.data.mnist import load_split
+from diffusion_lab.errors import UserError
 from diffusion_lab.metrics.classifier import (
     ACCURACY_NAME,
     EvaluatorMissingError,
@@ -33,7 +33,7 @@ def train_evaluator(cfg: DictConfig) -> dict:
     """Train (or reuse) the classifier, check its test accuracy, cache the real test-split features.
 
     Returns the classifier info (test_accuracy, train_seconds, ...) plus `fid_real_floor` per N.
-    Raises RuntimeError when the test accuracy is below `cfg.min_accuracy`; nothing is cached then.
+    Raises UserError when the test accuracy is below `cfg.min_accuracy`; nothing is cached then.
     """
     cache_dir, data_dir = cfg.paths.cache_dir, cfg.paths.data_dir
     info = None
@@ -47,7 +47,7 @@ def train_evaluator(cfg: DictConfig) -> dict:
         train, test = load_split(data_dir, train=True), load_split(data_dir, train=False)
         model, info = train_classifier(*train, *test, **OmegaConf.to_container(cfg.classifier))
         if info["test_accuracy"] < cfg.min_accuracy:
-            raise RuntimeError(
+            raise UserError(
                 f"The evaluator classifier reached only {info['test_accuracy']:.4f} test accuracy "
                 f"(< min_accuracy={cfg.min_accuracy}); FID/accuracy built on it would mislead, so nothing "
                 f"was cached. Train longer, e.g. `dlab-train-evaluator retrain=true classifier.epochs=3`."
@@ -55,7 +55,7 @@ def train_evaluator(cfg: DictConfig) -> dict:
         path = save_classifier(model, info, cache_dir)
         log.info("Saved the classifier to %s (%.0f s of training)", path, info["train_seconds"])
     elif info["test_accuracy"] < cfg.min_accuracy:
-        raise RuntimeError(
+        raise UserError(
             f"The cached classifier's test accuracy {info['test_accuracy']:.4f} is below "
             f"min_accuracy={cfg.min_accuracy}; run `dlab-train-evaluator retrain=true`."
         )
@@ -70,7 +70,7 @@ def train_evaluator(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluator", version_base="1.3")
+@hydra_app("evaluator")
 def main(cfg: DictConfig) -> float:
     return train_evaluator(cfg)["test_accuracy"]
 

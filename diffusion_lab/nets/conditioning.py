@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.nets.condition import Condition
+from diffusion_lab.condition import Condition
 from diffusion_lab.nets.layers import AdaLNZeroBlock, CrossAttention
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion_lab.nets.condition import Condition
+from diffusion_lab.condition import Condition
 
 
 def _drop_mask(batch_size: int, drop_prob: float, training: bool, force_drop, device) -> torch.Tensor | None:

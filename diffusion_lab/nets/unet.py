@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.nets.condition import Condition
+from diffusion_lab.condition import Condition
 from diffusion_lab.nets.conditioning import ConditioningMethod
 from diffusion_lab.nets.layers import Downsample, ResBlock, SelfAttention, TimestepEmbedder, upsample, zero_
 

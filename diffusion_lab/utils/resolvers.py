@@ -1,23 +1,43 @@
-"""OmegaConf resolvers used by conf/. Registered on import, before Hydra composes."""
+"""OmegaConf resolvers used by conf/, registered by the entry wrapper (`diffusion_lab.cli`)."""
 
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from diffusion_lab.errors import UserError
 from diffusion_lab.utils.checkpoints import find_checkpoint, run_dir_of
 
 
-def _run_dir(ckpt_path, runs_dir: str, stamp: str) -> str:
-    """A resumed run keeps writing into its own folder; anything else gets a new one."""
-    if ckpt_path is not None:
-        try:
-            return str(run_dir_of(find_checkpoint(str(ckpt_path), runs_dir)))
-        except FileNotFoundError:
-            pass  # train() reports the missing checkpoint with the full explanation
-    return f"{runs_dir}/{stamp}"
+def _stamp() -> str:
+    # The pid makes two commands started in the same second write into different folders.
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
+
+
+def _run_dir(out, runs_dir: str) -> str:
+    """`out=` if given, else a new folder under `runs_dir`."""
+    return str(out) if out else f"{runs_dir}/{_stamp()}"
+
+
+def _resume_dir(ckpt_path, runs_dir: str) -> str | None:
+    """A resumed run keeps writing into the run folder of its checkpoint."""
+    if ckpt_path is None:
+        return None
+    try:
+        return str(run_dir_of(find_checkpoint(str(ckpt_path), runs_dir)))
+    except UserError:
+        return None  # train() reports the missing checkpoint with the full explanation
+
+
+def _record_subdir(run_dir: str) -> str:
+    """Where Hydra writes this command's config: `.hydra`, or beside it when the folder already holds
+    one, so a resume never rewrites the record of how the run was made."""
+    if (Path(run_dir) / ".hydra" / "config.yaml").is_file():
+        return f".hydra/rerun_{_stamp()}"
+    return ".hydra"
 
 
 def _wandb_offline() -> bool:
@@ -32,8 +52,8 @@ def _wandb_offline() -> bool:
 def register() -> None:
     # Not ${hydra:runtime.cwd}: a multirun resolves hydra.sweep.dir before the Hydra config exists.
     OmegaConf.register_new_resolver("dlab_cwd", os.getcwd, replace=True)
-    OmegaConf.register_new_resolver("dlab_run_dir", _run_dir, replace=True)
+    # Cached: every read of the run folder within one command gives the same name.
+    OmegaConf.register_new_resolver("dlab_run_dir", _run_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("dlab_resume_dir", _resume_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("dlab_record_subdir", _record_subdir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("dlab_wandb_offline", _wandb_offline, replace=True)
-
-
-register()

@@ -1,20 +1,23 @@
-"""Glue around a Hydra task: config printing, instantiation with logging, and cleanup."""
+"""What a run writes besides checkpoints and logs: the printed config and the final metrics."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 from pathlib import Path
 
 import rich
 import rich.syntax
 import rich.tree
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("diffusion_lab")
+
+def record_dir(cfg: DictConfig) -> Path | None:
+    """The folder holding this command's `.hydra` record (`.hydra/rerun_*` on a resume), or None."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    return Path(cfg.paths.output_dir) / HydraConfig.get().output_subdir
 
 
 @rank_zero_only
@@ -31,35 +34,8 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> Non
             rich.print(tree, file=file)
 
 
-def build(name: str, node: DictConfig, **kwargs):
-    """`hydra.utils.instantiate` that says what it built (the run log shows every object)."""
-    log.info("instantiating %s <%s>", name, node.get("_target_", "?"))
-    return instantiate(node, **kwargs)
-
-
 @rank_zero_only
 def write_metrics(metrics: dict, output_dir: str | Path) -> None:
     """Final metrics as flat JSON in the run folder; `dlab-report` reads these from each job."""
     clean = {k: float(v) for k, v in metrics.items()}
     (Path(output_dir) / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
-
-
-def task_wrapper(task):
-    """Log failures with the run folder and always close W&B, so a sweep's next job starts clean."""
-
-    @functools.wraps(task)
-    def wrapped(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Exception:
-            log.exception("task failed; outputs are in %s", cfg.paths.get("output_dir"))
-            raise
-        finally:
-            try:
-                import wandb
-            except ImportError:
-                wandb = None
-            if wandb is not None and wandb.run is not None:
-                wandb.finish()
-
-    return wrapped

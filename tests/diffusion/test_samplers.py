@@ -7,6 +7,7 @@ import diffusers  # a [dev] dependency: the reference implementation, tests only
 import pytest
 import torch
 
+from diffusion_lab.condition import Condition
 from diffusion_lab.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
@@ -15,7 +16,6 @@ from diffusion_lab.diffusion.samplers import (
     sample,
 )
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.nets.condition import Condition
 
 MU, SIGMA = 0.3, 0.5
 N, DIM = 2000, 2

@@ -18,13 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.metrics.classifier import EvaluatorMissingError, evaluator_dir, load_classifier
 from diffusion_lab.metrics.fid import ClassifierFeatures, MNISTEvaluator
-from diffusion_lab.metrics.train_evaluator import train_evaluator
-
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = os.environ.get("DLAB_DATA_DIR", str(REPO.parent / "shared" / "data" / "mnist"))
-
-
-from tests.conftest import evaluator_cfg  # noqa: E402
+from tests.conftest import DATA_DIR, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -100,19 +94,23 @@ def test_missing_classifier_says_how_to_train_it(tmp_path):
 
 
 def test_accuracy_below_the_bar_fails_loudly(cache_dir, tmp_path):
-    shutil.copytree(evaluator_dir(cache_dir), evaluator_dir(tmp_path))
-    with pytest.raises(RuntimeError, match="min_accuracy"):
-        train_evaluator(evaluator_cfg(tmp_path, "min_accuracy=1.01"))
+    cache = tmp_path / "cache"
+    shutil.copytree(evaluator_dir(cache_dir), evaluator_dir(cache))
+    proc = run_cli("dlab-train-evaluator", "min_accuracy=1.01", cwd=tmp_path, env={"DLAB_CACHE_DIR": str(cache)})
+    assert proc.returncode == 1
+    assert "min_accuracy=1.01" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_reuses_the_cache_and_reports_accuracy(cache_dir, tmp_path):
-    """The real `dlab-train-evaluator` entry point (as a module), on a copy of the cache."""
-    shutil.copytree(evaluator_dir(cache_dir), evaluator_dir(tmp_path))
-    (evaluator_dir(tmp_path) / "real_features_mnist_test.pt").unlink()  # must be rebuilt
-    overrides = [f"paths.cache_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", f"hydra.run.dir={tmp_path}/run"]
-    cmd = [sys.executable, "-m", "diffusion_lab.metrics.train_evaluator", *overrides, "floor_sizes=[500]"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    """The installed `dlab-train-evaluator`, from an empty folder, on a copy of the cache."""
+    cache = tmp_path / "cache"
+    shutil.copytree(evaluator_dir(cache_dir), evaluator_dir(cache))
+    (evaluator_dir(cache) / "real_features_mnist_test.pt").unlink()  # must be rebuilt
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    proc = run_cli("dlab-train-evaluator", "floor_sizes=[500]", cwd=cwd, env={"DLAB_CACHE_DIR": str(cache)})
     assert proc.returncode == 0, proc.stderr
     assert "Evaluator classifier test accuracy: 0.99" in proc.stdout
     assert "FID floor at N=500" in proc.stdout
-    assert (evaluator_dir(tmp_path) / "real_features_mnist_test.pt").is_file()
+    assert (evaluator_dir(cache) / "real_features_mnist_test.pt").is_file()
+    assert list((cwd / "outputs" / "evaluator" / "runs").glob("*/.hydra/config.yaml"))

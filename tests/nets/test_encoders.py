@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_lab.nets.condition import Condition
+from diffusion_lab.condition import Condition
 from diffusion_lab.nets.encoders import ClassEncoder, HFTextEncoder
 from tests.conftest import CAPTIONS, TINY_CLIP
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_lab.condition import Condition
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.nets.condition import Condition
 from diffusion_lab.nets.conditioning import (
     AdaLNConditioning,
     ConcatConditioning,

@@ -1,0 +1,100 @@
+"""Checkpoints that can be trusted: verified after every save, and one more on SIGTERM / SIGINT.
+
+Lightning's own SIGTERM handling ends the run with exit code 0, and its `OnExceptionCheckpoint` saves
+whatever state an exception left behind. Here a signal only raises a flag; the checkpoint is taken at
+the end of the current training step (a consistent state that resumes exactly), its path is printed,
+and the run exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl+C).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from diffusion_lab.errors import Interrupted
+from diffusion_lab.utils.checkpoints import verify_checkpoint
+
+log = logging.getLogger("diffusion_lab")
+
+
+class VerifiedModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that fails the run when a file it saved is missing or incomplete
+    (Lightning's writer can swallow a PermissionError and leave no file behind)."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            verify_checkpoint(filepath)
+
+
+class Preemption(L.Callback):
+    """On any of `signals`, save `<dirpath>/interrupted.ckpt` after the current step and stop."""
+
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
+        self.dirpath = Path(dirpath)
+        self.signals = [signal.Signals[name] for name in signals]
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:  # a second signal: stop now, the default way
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    # Installed at train start, after Lightning registers its own handlers, so ours replace them.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = "/".join(s.name for s in self.signals)
+        log.info("on %s: save %s after the current step, then stop", names, self.dirpath / "interrupted.ckpt")
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        # Every rank must take part in the save: agree on the signal (any rank may have received it).
+        received = torch.tensor(self.received or 0, device=trainer.strategy.root_device)
+        signum = int(trainer.strategy.reduce(received, reduce_op="max"))
+        if not signum:
+            return
+        path = self.dirpath / "interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            verify_checkpoint(path)
+        raise Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; saved {path}. "
+            f"Resume with: {resume_command(self.dirpath.parent)}",
+        )
+
+
+def resume_command(run_dir: Path) -> str:
+    """This command again, resuming from `run_dir` (a resume must repeat the run's overrides)."""
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "out="))]
+    return " ".join(["dlab-train", *overrides, f"ckpt_path={run_dir}"])

@@ -1,0 +1,44 @@
+"""Errors a user can fix. The console scripts print them as one line, without a traceback
+(`HYDRA_FULL_ERROR=1` shows it), and exit with `exit_code`. Each message names the key or file,
+says what was expected, and says how to fix it."""
+
+from __future__ import annotations
+
+import signal
+
+
+class UserError(Exception):
+    """A known mistake or condition: bad input, a missing or broken file, a diverged run."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (wrong type or range, a resume with a different model)."""
+
+    exit_code = 2
+
+
+class CheckpointError(UserError, FileNotFoundError):
+    """A checkpoint that is missing, unreadable, not written by dlab-train, or could not be saved."""
+
+
+class DataError(UserError, FileNotFoundError):
+    """A data folder or file that is missing or corrupt."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+class Interrupted(UserError):
+    """Training stopped on a signal after saving a checkpoint; exits 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name

@@ -1,0 +1,79 @@
+"""Using a trained model: load it from a checkpoint, pick a sampler, generate labelled images in batches.
+
+The library behind `dlab-sample`, `dlab-eval`, `dlab-viz trajectory` and the validation callbacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
+
+from diffusion_lab.errors import CheckpointError
+from diffusion_lab.utils.checkpoints import find_checkpoint, read_checkpoint
+from diffusion_lab.utils.images import to_uint8
+from diffusion_lab.utils.instantiate import build_module
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_dir="outputs/train/runs"):
+    """(module with the EMA weights, eval mode, on `device`; the checkpoint's path).
+
+    The module is rebuilt from the run config stored in the checkpoint; the EMA callback stores the
+    averaged weights as the checkpoint's `state_dict`.
+    """
+    path = find_checkpoint(str(ckpt_path), runs_dir)
+    checkpoint = read_checkpoint(path)
+    if not checkpoint.get("run_config"):
+        raise CheckpointError(
+            f"{path} holds no run_config: it was not written by dlab-train, so it cannot be rebuilt. "
+            "Pass a checkpoint from a dlab-train run folder."
+        )
+    bad = [name for name, value in checkpoint["state_dict"].items() if not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path} has non-finite weights ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}): the run "
+            "diverged before it was saved. Use an earlier checkpoint or retrain with a lower optimizer.lr."
+        )
+    module = build_module(OmegaConf.create(checkpoint["run_config"]))
+    module.load_state_dict(checkpoint["state_dict"])
+    module.run_config = checkpoint["run_config"]
+    return module.to(device).eval(), path
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+def sampler_for(module, sampler_cfg: DictConfig | None, steps: int | None):
+    """The run's own sampler, or one from `conf/sampler/*`, with `steps` steps if given."""
+    overrides = {"num_steps": steps} if steps is not None else {}
+    if sampler_cfg is None:
+        return module.make_sampler(**overrides)
+    factory = instantiate(sampler_cfg)
+    return factory(schedule=module.schedule, prediction_type=module.hparams.prediction_type, **overrides)
+
+
+@torch.no_grad()
+def generate_batched(
+    module, labels: torch.Tensor, guidance: float, sampler, batch_size: int, seed: int, progress: bool = True
+) -> torch.Tensor:
+    """uint8 images (N, C, H, W) for `labels`, in batches; batch k is seeded with seed + k, so the
+    images do not depend on which command (or callback) asks for them."""
+    chunks = []
+    batches = labels.split(batch_size)
+    if progress:
+        batches = track(batches, description=f"sampling (guidance {guidance:g})")
+    for k, chunk in enumerate(batches):
+        generator = torch.Generator().manual_seed(seed + k)
+        images = module.generate(chunk, guidance_scale=guidance, sampler=sampler, generator=generator)
+        chunks.append(to_uint8(images).cpu())
+    return torch.cat(chunks)

@@ -1,0 +1,68 @@
+"""Argument checks that commands run before any work, each failing with the key, the value and an example."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from diffusion_lab.errors import ConfigError
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(cfg: DictConfig, key: str, example: int) -> int:
+    value = cfg.get(key)
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{key}={value!r}: expected a positive whole number, e.g. {key}={example}")
+    return value
+
+
+def optional_positive_int(cfg: DictConfig, key: str, example: int) -> int | None:
+    return None if cfg.get(key) is None else positive_int(cfg, key, example)
+
+
+def as_list(value) -> list:
+    return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+
+
+def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
+    """One number or a list of numbers >= 0 (0 unconditional, 1 conditional, > 1 guided)."""
+    scales = as_list(cfg.get(key))
+    if not scales or not all(
+        isinstance(s, int | float) and not isinstance(s, bool) and s >= 0 for s in scales
+    ):
+        raise ConfigError(
+            f"{key}={cfg.get(key)!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3]"
+        )
+    return [float(s) for s in scales]
+
+
+def class_labels(cfg: DictConfig, num_classes: int, key: str = "labels") -> list[int] | None:
+    """null (balanced over the classes), one label, or a list, each in [0, num_classes)."""
+    if cfg.get(key) is None:
+        return None
+    labels = as_list(cfg.get(key))
+    if not labels or not all(_is_int(v) and 0 <= v < num_classes for v in labels):
+        raise ConfigError(
+            f"{key}={cfg.get(key)!r}: expected class labels in 0..{num_classes - 1}, "
+            f"e.g. {key}=3 or {key}=[3,7] (or {key}=null for all classes)"
+        )
+    return labels
+
+
+def writable_dir(path: str | Path, key: str = "out") -> Path:
+    """Create `path` if needed and prove that files can be written there, before the slow part."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={path}: cannot write there ({err.strerror}). Pick a folder you can write to."
+        ) from err
+    return path

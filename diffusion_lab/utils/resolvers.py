@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from diffusion_lab.errors import UserError
+from diffusion_lab.errors import ConfigError, UserError
 from diffusion_lab.utils.checkpoints import find_checkpoint, run_dir_of
+from diffusion_lab.utils.checks import writable_dir
 
 
 def _stamp() -> str:
@@ -18,8 +20,18 @@ def _stamp() -> str:
 
 
 def _run_dir(out, runs_dir: str) -> str:
-    """`out=` if given, else a new folder under `runs_dir`."""
-    return str(out) if out else f"{runs_dir}/{_stamp()}"
+    """`out=` if given, else a new folder under `runs_dir`, checked to be writable.
+
+    Hydra creates this folder before the command starts and reports a failure with a traceback, so
+    an unwritable one is reported here, as the one line every command uses for a known mistake.
+    """
+    path = str(out) if out else f"{runs_dir}/{_stamp()}"
+    try:
+        writable_dir(path, "out" if out else "paths.log_dir")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    return path
 
 
 def _resume_dir(ckpt_path, runs_dir: str) -> str | None:

@@ -56,6 +56,13 @@ def _record_failure(message: str) -> None:
         (out / "error.txt").write_text(message + "\n")
 
 
+@rank_zero_only
+def _clear_failure() -> None:
+    out = _output_dir()
+    if out is not None:
+        (out / "error.txt").unlink(missing_ok=True)
+
+
 def _close_wandb() -> None:
     wandb = sys.modules.get("wandb")  # only if something imported it
     if wandb is not None and wandb.run is not None:
@@ -69,7 +76,9 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], object]], Ca
         @functools.wraps(task)
         def guarded(cfg: DictConfig):
             try:
-                return task(cfg)
+                result = task(cfg)
+                _clear_failure()  # e.g. a resume that finished what an interrupted run began
+                return result
             except BaseException as err:
                 known = _known_error(err)
                 if known is None:

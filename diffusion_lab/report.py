@@ -1,36 +1,72 @@
-"""`dlab-report <multirun dir> [--out DIR]`: one table and comparison plots for a Hydra multirun.
+"""`dlab-report sweep=<multirun folder>`: one table and comparison plots for a Hydra multirun.
 
-Each job folder `<multirun>/<N>/` holds `.hydra/overrides.yaml` (Hydra's list of `key=value` strings) and,
-if training finished, `metrics.json` (a flat dict written by `dlab-train`). Writes to `--out` (default: the
-multirun folder) `report.md` and `report.csv` (one row per job: status, every override key, every metric)
-and `plots/<metric>.png`: bars per job labelled by the overrides that vary, or, when exactly two keys
-vary (e.g. conditioning × schedule), bars grouped by the first key and coloured by the second.
+    dlab-report sweep=outputs/train/multiruns/<time>                # writes to outputs/report/runs/<time>_<pid>
+    dlab-report sweep=outputs/train/multiruns/<time> out=reports/conditioning
+
+Each job folder `<sweep>/<N>/` holds `.hydra/overrides.yaml` (Hydra's list of `key=value` strings) and,
+if training finished, `metrics.json` (a flat dict written by `dlab-train`); a job that stopped on an error
+holds `error.txt` (its one-line message, written by the entry wrapper, `diffusion_lab.cli`). Writes to the
+run folder `report.md` and `report.csv` (one row per job: status, message, every override key, every
+metric) and `plots/<metric>.png`: bars per job labelled by the overrides that vary, or, when exactly two
+keys vary (e.g. conditioning × schedule), bars grouped by the first key and coloured by the second.
+A job's status is `failed` (error.txt), `nan` (a metric is NaN or infinite), `ok`, or `missing` (no
+metrics.json: still running, or killed without a trace).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from omegaconf import DictConfig
 
-MISSING = "missing"  # status of a job without metrics.json (failed or still running)
+from diffusion_lab.cli import hydra_app
+from diffusion_lab.errors import ConfigError, DataError
+from diffusion_lab.utils import checks
+
+STATUSES = ("ok", "failed", "nan", "missing")
+EXAMPLE = "sweep=outputs/train/multiruns/<time>"
+CELL_WIDTH = 80  # longer Markdown cells (error messages) are cut; report.csv keeps them whole
 
 
 @dataclass
 class Job:
     name: str
     overrides: dict[str, str]
-    metrics: dict = field(default_factory=dict)
+    metrics: dict | None = None  # None: no metrics.json
+    error: str | None = None  # the first line of error.txt
 
     @property
     def status(self) -> str:
-        return "ok" if self.metrics else MISSING
+        if self.error is not None:
+            return "failed"
+        if self.metrics is None:
+            return "missing"
+        return "nan" if self.non_finite else "ok"
+
+    @property
+    def non_finite(self) -> list[str]:
+        return [k for k, v in (self.metrics or {}).items() if _is_number(v) and not math.isfinite(v)]
+
+    @property
+    def message(self) -> str:
+        if self.error is not None:
+            return self.error
+        return f"not finite: {', '.join(self.non_finite)}" if self.non_finite else ""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -39,31 +75,39 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def load_jobs(multirun_dir: str | Path) -> list[Job]:
+def _read_job(folder: Path) -> Job:
+    overrides = dict(
+        parse_override(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+    )
+    error_file, metrics_file = folder / "error.txt", folder / "metrics.json"
+    error = None
+    if error_file.is_file():  # the entry wrapper writes one line; keep the first if someone wrote more
+        error = (error_file.read_text().strip().splitlines() or ["(error.txt is empty)"])[0]
+    metrics = None
+    if metrics_file.is_file():
+        try:  # json reads the NaN / Infinity that json.dump writes for non-finite floats
+            metrics = json.loads(metrics_file.read_text())
+        except json.JSONDecodeError as err:  # e.g. a job killed while writing: report it, not crash
+            error = error or f"metrics.json is not valid JSON ({err})"
+    return Job(folder.name, overrides, metrics, error)
+
+
+def load_jobs(sweep: str | Path) -> list[Job]:
     """The jobs of a multirun folder, sorted by job number."""
-    root = Path(multirun_dir)
+    root = Path(sweep)
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"{root} is not a folder; pass a Hydra multirun folder such as outputs/train/multiruns/<time>"
-        )
+        raise ConfigError(f"sweep={sweep}: no such folder. Expected a Hydra multirun folder, e.g. {EXAMPLE}")
     folders = [d for d in root.iterdir() if (d / ".hydra" / "overrides.yaml").is_file()]
     if not folders:
-        raise FileNotFoundError(
-            f"{root} holds no jobs: expected <multirun>/<N>/.hydra/overrides.yaml "
-            f"(pass the folder of one sweep, the one that holds multirun.yaml)"
+        raise DataError(
+            f"sweep={sweep}: the folder holds no jobs; expected <sweep>/<N>/.hydra/overrides.yaml "
+            f"(pass the folder of one sweep, the one that holds multirun.yaml, e.g. {EXAMPLE})"
         )
-    jobs = []
-    for folder in sorted(
-        folders, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name)
-    ):
-        overrides = dict(
-            parse_override(o)
-            for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
-        )
-        metrics_file = folder / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        jobs.append(Job(folder.name, overrides, metrics))
-    return jobs
+
+    def number(d: Path):  # 10 sorts after 9; non-numeric names last
+        return (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name)
+
+    return [_read_job(folder) for folder in sorted(folders, key=number)]
 
 
 def _ordered_keys(dicts) -> list[str]:
@@ -84,25 +128,36 @@ def _fmt(value) -> str:
 
 
 def table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) with columns job, status, override keys, metric keys."""
+    """(header, rows) with columns job, status, message, override keys, metric keys."""
     keys = _ordered_keys(j.overrides for j in jobs)
-    metrics = _ordered_keys(j.metrics for j in jobs)
-    header = ["job", "status", *keys, *metrics]
+    metrics = _ordered_keys(j.metrics or {} for j in jobs)
+    header = ["job", "status", "message", *keys, *metrics]
     rows = [
         [
             j.name,
             j.status,
+            j.message,
             *(j.overrides.get(k, "") for k in keys),
-            *(_fmt(j.metrics.get(m)) for m in metrics),
+            *(_fmt((j.metrics or {}).get(m)) for m in metrics),
         ]
         for j in jobs
     ]
     return header, rows
 
 
+def summary(jobs: list[Job]) -> str:
+    """`4 jobs: 1 ok, 1 failed, 1 nan, 1 missing`."""
+    counts = Counter(j.status for j in jobs)
+    return f"{len(jobs)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        text = text if len(text) <= CELL_WIDTH else text[: CELL_WIDTH - 1] + "…"
+        return text.replace("|", r"\|") if text else "—"
+
     def line(cells):
-        return "| " + " | ".join(c.replace("|", r"\|") if c else "—" for c in cells) + " |"
+        return "| " + " | ".join(cell(c) for c in cells) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]) + "\n"
 
@@ -112,14 +167,19 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def finite_jobs(jobs: list[Job], metric: str) -> list[Job]:
+    """The jobs to draw a bar for: a NaN or infinite value would be an empty gap or break the y axis."""
+    return [j for j in jobs if _finite((j.metrics or {}).get(metric))]
+
+
 def plot_metric(jobs: list[Job], metric: str, path: Path) -> Path:
-    """Bar chart of one numeric metric over the finished jobs (see the module docstring)."""
+    """Bar chart of one metric over the jobs where it is a finite number (see the module docstring)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [j for j in jobs if isinstance(j.metrics.get(metric), int | float)]
+    done = finite_jobs(jobs, metric)
     vary = varying_keys(jobs)
     if len(vary) == 2:  # grouped: x = values of the first key, one bar colour per value of the second
         k1, k2 = vary
@@ -160,37 +220,40 @@ def _mean(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def write_report(multirun_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Write report.md, report.csv and plots/*.png; returns {"markdown", "md", "csv", "plots", "jobs"}."""
-    jobs = load_jobs(multirun_dir)
-    out = Path(out or multirun_dir)
+def write_report(sweep: str | Path, out: str | Path) -> dict:
+    """Write report.md, report.csv and plots/*.png into `out`;
+    returns {"markdown", "summary", "md", "csv", "plots", "jobs"}."""
+    jobs = load_jobs(sweep)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(jobs)
-    md = markdown(header, rows)
-    (out / "report.md").write_text(f"# Report: {Path(multirun_dir).resolve()}\n\n{md}")
+    md, counts = markdown(header, rows), summary(jobs)
+    (out / "report.md").write_text(f"# Report: {Path(sweep).resolve()}\n\n{md}\n{counts}\n")
     with open(out / "report.csv", "w", newline="") as file:
         csv.writer(file).writerows([header, *rows])
-    numeric = [m for m in _ordered_keys(j.metrics for j in jobs)
-               if any(isinstance(j.metrics.get(m), int | float) for j in jobs)]  # fmt: skip
+    plotted = [m for m in _ordered_keys(j.metrics or {} for j in jobs) if finite_jobs(jobs, m)]
     plots = [
-        plot_metric(jobs, m, out / "plots" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', m)}.png") for m in numeric
+        plot_metric(jobs, m, out / "plots" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', m)}.png") for m in plotted
     ]
-    return {"markdown": md, "md": out / "report.md", "csv": out / "report.csv", "plots": plots, "jobs": jobs}
+    return {"markdown": md, "summary": counts, "md": out / "report.md", "csv": out / "report.csv",
+            "plots": plots, "jobs": jobs}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dlab-report", description=__doc__.split("\n")[0])
-    parser.add_argument("multirun_dir", help="a Hydra multirun folder (holds <N>/.hydra/overrides.yaml)")
-    parser.add_argument(
-        "--out", default=None, help="where to write the report (default: the multirun folder)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        result = write_report(args.multirun_dir, args.out)
-    except FileNotFoundError as err:
-        parser.error(str(err))  # exit code 2 with the reason, no traceback
+def run(cfg: DictConfig) -> dict:
+    # Checked here rather than with Hydra's `???`, whose MissingMandatoryValue does not say what to pass.
+    if cfg.sweep is None or str(cfg.sweep).strip() == "":
+        raise ConfigError(f"sweep=<multirun folder> is required, e.g. dlab-report {EXAMPLE}")
+    out = checks.writable_dir(cfg.paths.output_dir)
+    result = write_report(str(cfg.sweep), out)  # str: `sweep=2024` would arrive as an int
     print(result["markdown"], end="")
-    print(f"\nwrote report.md, report.csv and {len(result['plots'])} plot(s) to {result['md'].parent}")
+    print(f"\n{result['summary']}")
+    print(f"wrote report.md, report.csv and {len(result['plots'])} plot(s) to {out}")
+    return result
+
+
+@hydra_app("report")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """`dlab-viz`: pictures of the diffusion process.
 
-    dlab-viz schedules --out outputs/viz   # ᾱ_t and log-SNR vs t for every conf/schedule/*.yaml
-    dlab-viz forward --out outputs/viz     # one real digit noised at t = 0, T/10, …, T, one row per schedule
-    dlab-viz trajectory --ckpt last        # the reverse process of a trained model: GIF + PNG strip
+    dlab-viz plot=schedules               # ᾱ_t and log-SNR vs t for every conf/schedule/*.yaml
+    dlab-viz plot=forward index=0         # one real test digit noised at t = 0, T/10, …, T, one row per schedule
+    dlab-viz plot=trajectory ckpt_path=last guidance=2 steps=20 columns=8   # reverse process: GIF + PNG strip
 
+Other keys: `timesteps=1000` (T of the schedule plots), `seed=0`, `out=<folder>` (default a run folder
+outputs/viz/runs/<time>_<pid>), `paths.data_dir=<MNIST root>` (see conf/viz.yaml).
 Schedules come from the real configs (conf/schedule/), so a new schedule file shows up here without code.
-Each subcommand is one entry of `COMMANDS` (arguments + function), so more can be added beside them.
+Each plot is one entry of `COMMANDS` (name -> function(cfg)), so more can be added beside them.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -21,9 +20,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from diffusion_lab import CONFIG_DIR  # noqa: E402
+from diffusion_lab.cli import hydra_app  # noqa: E402
+from diffusion_lab.errors import ConfigError  # noqa: E402
+from diffusion_lab.utils import checks  # noqa: E402
+from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit  # noqa: E402
 
 CONF_DIR = Path(CONFIG_DIR)
 DPI = 100
@@ -46,6 +50,7 @@ def load_schedules(num_timesteps: int = 1000) -> dict:
 
     from diffusion_lab.diffusion.schedules import BETA_SCHEDULES
 
+    # Composing needs a fresh GlobalHydra; inside `dlab-viz` nothing of Hydra's reads it after the task.
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         names = [p.stem for p in (CONF_DIR / "schedule").glob("*.yaml")]
@@ -77,12 +82,12 @@ def forward_tiles(image: torch.Tensor, schedules: dict, timesteps: list[int], se
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Subcommands
+# Plots
 # ---------------------------------------------------------------------------------------------------------
 
 
-def plot_schedules(args: argparse.Namespace) -> Path:
-    schedules = load_schedules(args.timesteps)
+def plot_schedules(cfg: DictConfig) -> Path:
+    schedules = load_schedules(checks.positive_int(cfg, "timesteps", 1000))
     fig, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=SCHEDULES_FIGSIZE, dpi=DPI)
     for name, s in schedules.items():
         t = torch.arange(s.num_timesteps)
@@ -96,32 +101,31 @@ def plot_schedules(args: argparse.Namespace) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    return _save(fig, args.out, "schedules.png")
+    return _save(fig, cfg.paths.output_dir, "schedules.png")
 
 
-def plot_forward(args: argparse.Namespace) -> Path:
+def plot_forward(cfg: DictConfig) -> Path:
     from diffusion_lab.data.mnist import load_split
 
-    images, labels = load_split(args.data_dir, train=False)
-    image = images[args.index].float() / 127.5 - 1  # (1, 28, 28) in [-1, 1]
-    schedules = load_schedules(args.timesteps)
-    timesteps = column_timesteps(args.timesteps)
-    tiles = forward_tiles(image, schedules, timesteps, args.seed)  # (S, C, 1, 28, 28)
+    num_timesteps = checks.positive_int(cfg, "timesteps", 1000)
+    images, labels = load_split(cfg.paths.data_dir, train=False)
+    index = cfg.index
+    if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(images)):
+        raise ConfigError(f"index={index!r}: expected a test-split digit 0..{len(images) - 1}, e.g. index=0")
+    image = to_model_range(images[index])  # (1, 28, 28) in [-1, 1]
+    schedules = load_schedules(num_timesteps)
+    timesteps = column_timesteps(num_timesteps)
+    tiles = forward_tiles(image, schedules, timesteps, cfg.seed)  # (S, C, 1, 28, 28)
     pad = 2
-    grid = make_grid(
-        ((tiles.flatten(0, 1) + 1) / 2).clamp(0, 1), nrow=len(timesteps), padding=pad, pad_value=1
-    )
+    grid = make_grid(to_unit(tiles.flatten(0, 1)), nrow=len(timesteps), padding=pad, pad_value=1)
     fig, ax = plt.subplots(figsize=FORWARD_FIGSIZE, dpi=DPI)
     ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
     centre = [pad + i * (28 + pad) + 14 for i in range(max(len(timesteps), len(schedules)))]
     ax.set_xticks(centre[: len(timesteps)], [str(t) for t in timesteps])
     ax.set_yticks(centre[: len(schedules)], list(schedules))
-    ax.set(
-        xlabel="t",
-        title=f"forward process q(x_t | x_0) of test digit #{args.index} (label {labels[args.index]})",
-    )
+    ax.set(xlabel="t", title=f"forward process q(x_t | x_0) of test digit #{index} (label {labels[index]})")
     fig.tight_layout()
-    return _save(fig, args.out, "forward.png")
+    return _save(fig, cfg.paths.output_dir, "forward.png")
 
 
 def _save(fig, out: str | Path, name: str) -> Path:
@@ -133,100 +137,75 @@ def _save(fig, out: str | Path, name: str) -> Path:
     return path
 
 
-def _schedule_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timesteps", type=int, default=1000, help="T, the number of training steps")
-
-
-def _forward_args(parser: argparse.ArgumentParser) -> None:
-    _schedule_args(parser)
-    parser.add_argument("--data-dir", default=os.environ.get("DLAB_DATA_DIR", "data"), help="MNIST root")
-    parser.add_argument("--index", type=int, default=0, help="which test-split digit to noise")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the (shared) noise")
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-1, 1).add(1).div(2)
-
-
 @torch.no_grad()
-def plot_trajectory(args: argparse.Namespace) -> Path:
+def plot_trajectory(cfg: DictConfig) -> Path:
     """One sample per class through the reverse process: `trajectory.gif` (x_t above x̂₀ at every step)
-    and `trajectory.png` (rows = classes; x_t at `--columns` steps, then x̂₀ at the same steps)."""
+    and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀ at the same steps)."""
     from PIL import Image
 
-    from diffusion_lab.sample import load_module
+    from diffusion_lab.inference import load_module
 
-    module, _ = load_module(args.ckpt)
-    sampler = module.make_sampler(num_steps=args.steps) if args.steps else module.sampler
+    # Every argument is checked before the model is loaded.
+    scales = checks.guidance_scales(cfg)
+    if len(scales) != 1:
+        raise ConfigError(f"guidance={cfg.guidance!r}: the trajectory takes one scale, e.g. guidance=2")
+    guidance = scales[0]
+    steps = checks.optional_positive_int(cfg, "steps", 20)
+    columns = checks.positive_int(cfg, "columns", 8)
+    out = checks.writable_dir(cfg.paths.output_dir)
+
+    module, path = load_module(cfg.ckpt_path, "cpu", f"{cfg.paths.log_dir}/train/runs")
+    print(f"trajectory of {path}")
+    sampler = module.make_sampler(num_steps=steps) if steps else module.sampler
     labels = torch.arange(module.encoder.num_classes)
-    generator = torch.Generator().manual_seed(args.seed)
-    _, steps = module.generate(labels, args.guidance, sampler, generator, return_intermediates=True)
-    x_t, x0 = torch.stack(steps["x_t"], 1), torch.stack(steps["x0"], 1)  # (classes, steps, C, H, W)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    _, intermediates = module.generate(labels, guidance, sampler, generator, return_intermediates=True)
+    x_t, x0 = (
+        torch.stack(intermediates["x_t"], 1),
+        torch.stack(intermediates["x0"], 1),
+    )  # (classes, steps, C, H, W)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     frames = []
     for k in range(x_t.shape[1]):
-        both = torch.cat([_to_unit(x_t[:, k]), _to_unit(x0[:, k])])  # row 1: x_t, row 2: x̂₀
-        grid = make_grid(both, nrow=len(labels), padding=2, pad_value=1.0)
-        frame = Image.fromarray(grid.mul(255).byte().permute(1, 2, 0).numpy())
+        both = torch.cat([x_t[:, k], x0[:, k]])  # row 1: x_t, row 2: x̂₀
+        grid = to_uint8(make_grid(both.clamp(-1, 1), nrow=len(labels), padding=2, pad_value=1.0))  # white pad
+        frame = Image.fromarray(grid.permute(1, 2, 0).numpy())
         frames.append(frame.resize((frame.width * 3, frame.height * 3), Image.NEAREST))
     gif = out / "trajectory.gif"
     durations = [80] * (len(frames) - 1) + [2000]  # ms; hold the final samples
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
-    picks = torch.linspace(0, x_t.shape[1] - 1, min(args.columns, x_t.shape[1])).round().long()
+    picks = torch.linspace(0, x_t.shape[1] - 1, min(columns, x_t.shape[1])).round().long()
     strip = torch.cat([x_t[:, picks], x0[:, picks]], dim=1)  # (classes, 2 * columns, C, H, W)
-    grid = make_grid(_to_unit(strip.flatten(0, 1)), nrow=strip.shape[1], padding=2, pad_value=1.0)
+    grid = make_grid(to_unit(strip.flatten(0, 1)), nrow=strip.shape[1], padding=2, pad_value=1.0)
     fig = plt.figure(figsize=(grid.shape[2] / DPI, grid.shape[1] / DPI + 0.3))
     ax = fig.add_axes((0, 0, 1, grid.shape[1] / (grid.shape[1] + 0.3 * DPI)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     timesteps = [sampler.timesteps[i].item() for i in picks]
-    fig.suptitle(f"x_t (left) and x̂₀ (right) at t = {timesteps}, guidance {args.guidance:g}", fontsize=8)
+    fig.suptitle(f"x_t (left) and x̂₀ (right) at t = {timesteps}, guidance {guidance:g}", fontsize=8)
     print(f"wrote {gif}")
     return _save(fig, out, "trajectory.png")
 
 
-def _trajectory_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default="last", help="checkpoint: `last`, a run folder or a .ckpt file")
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sampler)")
-    parser.add_argument("--columns", type=int, default=8, help="steps shown in the PNG strip")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], Path]
-
-
-COMMANDS: dict[str, Command] = {
-    "schedules": Command("ᾱ_t and log-SNR vs t for every schedule", _schedule_args, plot_schedules),
-    "forward": Command("a real digit noised at t = 0 … T, one row per schedule", _forward_args, plot_forward),
-    "trajectory": Command(
-        "the reverse process of a checkpoint: GIF and PNG strip", _trajectory_args, plot_trajectory
-    ),
+COMMANDS: dict[str, Callable[[DictConfig], Path]] = {
+    "schedules": plot_schedules,
+    "forward": plot_forward,
+    "trajectory": plot_trajectory,
 }
 
 
-def draw(argv: list[str] | None = None) -> Path:
-    """Parse `argv` (default: sys.argv), run the subcommand, return the PNG it wrote."""
-    parser = argparse.ArgumentParser(prog="dlab-viz", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help)
-        p.add_argument("--out", default="outputs/viz", help="folder for the PNG")
-        command.add_arguments(p)
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command].run(args)
+def run(cfg: DictConfig) -> Path:
+    """Draw `cfg.plot` into the run folder; returns the PNG it wrote."""
+    if cfg.plot not in COMMANDS:
+        given = "plot is required" if cfg.plot is None else f"plot={cfg.plot!r}"
+        raise ConfigError(f"{given}: expected one of {', '.join(COMMANDS)}, e.g. plot=schedules")
+    return COMMANDS[cfg.plot](cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point; returns None because console scripts pass the return value to sys.exit."""
-    draw(argv)
+@hydra_app("viz")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,32 @@
-"""`dlab-report`: a table and plots from a Hydra multirun folder (fake jobs, then a real tiny sweep)."""
+"""`dlab-report`: a table and plots from a Hydra multirun folder (fake jobs, then a real tiny sweep),
+through the installed command."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
+import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from diffusion_lab import report
+from diffusion_lab.errors import DataError
 from tests.conftest import run_cli
 
 
-def make_job(root, num, overrides: list[str], metrics: dict | None):
-    """A job folder the way Hydra (.hydra/overrides.yaml) and `dlab-train` (metrics.json) write it."""
+def make_job(root, num, overrides: list[str], metrics: dict | None, error: str | None = None):
+    """A job folder the way Hydra (.hydra/overrides.yaml), `dlab-train` (metrics.json) and the entry
+    wrapper (error.txt) write it."""
     job = root / str(num)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    if metrics is not None:
+    if metrics is not None:  # json.dumps writes NaN / Infinity literals, as dlab-train's json.dump does
         (job / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if error is not None:
+        (job / "error.txt").write_text(error + "\n")
 
 
 def read_csv(path):
@@ -29,41 +34,78 @@ def read_csv(path):
         return list(csv.DictReader(file))
 
 
-def test_fake_multirun_lists_every_job_with_its_overrides(tmp_path, capsys):
-    make_job(tmp_path, 0, ["conditioning=adaln", "schedule=linear"], {"val/loss": 0.03, "fid": 12.3})
-    make_job(tmp_path, 1, ["conditioning=cross_attn", "schedule=cosine"], {"val/loss": 0.05, "fid": 20.0})
-    make_job(tmp_path, 2, ["conditioning=concat", "schedule=cosine"], None)  # failed: no metrics.json
-    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+LONG_ERROR = "training diverged at step 12: the loss is nan. " + "Lower optimizer.lr or use warmup. " * 4
 
-    report.main([str(tmp_path)])
-    printed = capsys.readouterr().out
-    assert "| job | status | conditioning | schedule | fid | val/loss |" in printed
-    assert "| 0 | ok | adaln | linear | 12.3 | 0.03 |" in printed
-    assert "| 1 | ok | cross_attn | cosine | 20 | 0.05 |" in printed
-    assert "| 2 | missing | concat | cosine | — | — |" in printed
-    assert printed.split("\n\nwrote")[0] in (tmp_path / "report.md").read_text()
 
-    rows = read_csv(tmp_path / "report.csv")
-    assert [r["job"] for r in rows] == ["0", "1", "2"]
-    assert rows[1] == {"job": "1", "status": "ok", "conditioning": "cross_attn", "schedule": "cosine",
-                       "fid": "20", "val/loss": "0.05"}  # fmt: skip
-    assert rows[2]["status"] == "missing" and rows[2]["fid"] == ""
+def fake_sweep(root: Path) -> Path:
+    """Four jobs, one of each status: ok, failed (error.txt), nan (a non-finite metric), missing."""
+    make_job(root, 0, ["conditioning=adaln", "schedule=linear"], {"val/loss": 0.03, "fid": 12.3})
+    make_job(root, 1, ["conditioning=cross_attn", "schedule=linear"], None, error=LONG_ERROR)
+    make_job(root, 2, ["conditioning=concat", "schedule=cosine"], {"val/loss": math.nan, "fid": 20.0})
+    make_job(root, 3, ["conditioning=none", "schedule=cosine"], None)  # still running, or killed
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_help_names_the_keys(tmp_path):
+    result = run_cli("dlab-report", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sweep=" in result.stdout and "out=" in result.stdout and "failed" in result.stdout
+
+
+def test_fake_multirun_marks_every_status(tmp_path):
+    sweep, out = fake_sweep(tmp_path / "sweep"), tmp_path / "report"
+    result = run_cli("dlab-report", f"sweep={sweep}", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout
+    assert "| job | status | message | conditioning | schedule | fid | val/loss |" in printed
+    assert "| 0 | ok | — | adaln | linear | 12.3 | 0.03 |" in printed
+    assert f"| 1 | failed | {LONG_ERROR[:79]}… | cross_attn | linear | — | — |" in printed  # cut to 80
+    assert "| 2 | nan | not finite: val/loss | concat | cosine | 20 | nan |" in printed
+    assert "| 3 | missing | — | none | cosine | — | — |" in printed
+    assert "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing" in printed
+    assert f"wrote report.md, report.csv and 2 plot(s) to {out}" in printed
+    md = (out / "report.md").read_text()
+    assert printed.split("\n\n4 jobs")[0] in md and "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing" in md
+
+    rows = read_csv(out / "report.csv")
+    assert [r["status"] for r in rows] == ["ok", "failed", "nan", "missing"]  # jobs 0 to 3
+    assert rows[1]["message"] == LONG_ERROR.strip()  # whole in the CSV
+    assert rows[0] == {"job": "0", "status": "ok", "message": "", "conditioning": "adaln", "schedule": "linear",
+                       "fid": "12.3", "val/loss": "0.03"}  # fmt: skip
     for name in ["fid.png", "val_loss.png"]:
-        assert (tmp_path / "plots" / name).stat().st_size > 5_000
+        assert (out / "plots" / name).stat().st_size > 5_000
+    assert not (sweep / "report.md").exists()
 
 
-def test_two_varying_keys_and_out_dir(tmp_path):
+def test_nan_metrics_are_not_plotted(tmp_path):
+    jobs = report.load_jobs(fake_sweep(tmp_path / "sweep"))
+    assert [j.status for j in jobs] == ["ok", "failed", "nan", "missing"]
+    assert report.summary(jobs) == "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing"
+    assert [j.name for j in report.finite_jobs(jobs, "val/loss")] == ["0"]  # job 2's NaN gets no bar
+    assert [j.name for j in report.finite_jobs(jobs, "fid")] == ["0", "2"]
+    make_job(tmp_path / "all_nan", 0, ["seed=0"], {"val/loss": math.inf})
+    result = report.write_report(tmp_path / "all_nan", tmp_path / "out")
+    assert result["plots"] == [] and [j.status for j in result["jobs"]] == ["nan"]
+
+
+def test_truncated_metrics_json_is_a_failed_job(tmp_path):
+    make_job(tmp_path, 0, ["seed=0"], None)
+    (tmp_path / "0" / "metrics.json").write_text('{"val/loss": 0.')  # killed while writing
+    (job,) = report.load_jobs(tmp_path)
+    assert job.status == "failed" and job.message.startswith("metrics.json is not valid JSON")
+
+
+def test_two_varying_keys(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "report"
-    grid = [
-        (c, s) for c in ["adaln", "concat"] for s in ["linear", "cosine"]
-    ] * 3  # 12 jobs: 10 sorts after 9
+    # 12 jobs, so that job 10 must sort after job 9
+    grid = [(c, s) for c in ["adaln", "concat"] for s in ["linear", "cosine"]] * 3
     for num, (cond, sched) in enumerate(grid):
         make_job(runs, num, [f"conditioning={cond}", f"schedule={sched}", "seed=0"], {"fid": float(num)})
     result = report.write_report(runs, out)
     assert [j.name for j in result["jobs"]] == [str(n) for n in range(12)]
     assert report.varying_keys(result["jobs"]) == ["conditioning", "schedule"]
     assert result["plots"] == [out / "plots" / "fid.png"] and result["plots"][0].stat().st_size > 5_000
-    assert not (runs / "report.md").exists() and (out / "report.md").is_file()
 
 
 def test_override_prefixes_are_not_part_of_the_key():
@@ -72,34 +114,42 @@ def test_override_prefixes_are_not_part_of_the_key():
     assert report.parse_override("model.lr=a=b") == ("model.lr", "a=b")
 
 
-@pytest.mark.parametrize("case", ["does_not_exist", "empty"])
-def test_clear_error_without_jobs(tmp_path, capsys, case):
-    folder = tmp_path / case
-    if case == "empty":
-        folder.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        report.main([str(folder)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert str(folder) in err
-    assert ("is not a folder" if case == "does_not_exist" else "holds no jobs") in err
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["sweep={tmp}/gone"], "sweep={tmp}/gone: no such folder. Expected a Hydra multirun folder"),
+        ([], "sweep=<multirun folder> is required, e.g. dlab-report sweep=outputs/train/multiruns/"),
+    ],
+    ids=["missing_folder", "no_sweep"],
+)
+def test_clear_error_without_a_sweep(tmp_path, args, expected):
+    result = run_cli("dlab-report", *(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(tmp=tmp_path)), result.stderr
+    (run_dir,) = (tmp_path / "outputs" / "report" / "runs").iterdir()  # the default out: a run folder
+    assert (run_dir / "error.txt").read_text().startswith(expected.format(tmp=tmp_path))
+
+
+def test_a_folder_without_jobs_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"sweep={tmp_path}: the folder holds no jobs")):
+        report.load_jobs(tmp_path)
 
 
 def test_real_tiny_multirun(tmp_path):
-    """A real `dlab-train -m` sweep over two schedules, then `dlab-report` on its folder (both as CLIs)."""
+    """A real `dlab-train -m` sweep over two schedules, then `dlab-report` on its folder."""
     sweep = tmp_path / "sweep"
-    train = run_cli("diffusion_lab.train", "-m", "debug=tiny", "trainer.limit_train_batches=1",
-                    "schedule=linear,cosine", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    train = run_cli("dlab-train", "-m", "debug=tiny", "trainer.limit_train_batches=1",
+                          "schedule=linear,cosine", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
-    script = Path(sys.executable).with_name("dlab-report")  # the installed console script
-    if not script.is_file():
-        pytest.fail(f"dlab-report is not installed next to {sys.executable}; run `pip install -e .`")
-    result = subprocess.run([script, sweep], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = run_cli("dlab-report", f"sweep={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_csv(sweep / "report.csv")
+    (out,) = (tmp_path / "outputs" / "report" / "runs").iterdir()  # the default: a run folder
+    rows = read_csv(out / "report.csv")
     assert [(r["job"], r["status"], r["schedule"], r["debug"]) for r in rows] == [
         ("0", "ok", "linear", "tiny"),
         ("1", "ok", "cosine", "tiny"),
     ]
     assert all(float(r["val/loss"]) > 0 for r in rows)
-    assert "| 0 | ok | tiny |" in result.stdout and (sweep / "plots" / "val_loss.png").is_file()
+    assert "| 0 | ok | — | tiny |" in result.stdout and (out / "plots" / "val_loss.png").is_file()
+    assert "2 jobs: 2 ok, 0 failed, 0 nan, 0 missing" in result.stdout

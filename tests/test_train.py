@@ -113,7 +113,9 @@ def test_resume_from_missing_checkpoint_is_an_error(compose_cfg, tmp_path):
 def test_a_checkpoint_that_was_not_written_fails_the_run(tmp_path):
     """Lightning's writer can swallow a PermissionError; the verified callback notices the missing file."""
     callback = VerifiedModelCheckpoint(dirpath=tmp_path)
-    trainer = SimpleNamespace(save_checkpoint=lambda *args: None, global_step=3, is_global_zero=True, loggers=[])
+    trainer = SimpleNamespace(
+        save_checkpoint=lambda *args: None, global_step=3, is_global_zero=True, loggers=[]
+    )
     with pytest.raises(CheckpointError, match="does not exist"):
         callback._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
 

@@ -10,10 +10,10 @@ import shutil
 import signal
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from diffusion_lab.utils.checkpoints import find_checkpoint
@@ -55,6 +55,12 @@ def test_sample_reads_ckpt_path_and_never_writes_into_the_training_run(tiny_run,
     assert (out / "samples.npz").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert digest(run_dir / ".hydra" / "config.yaml") == record
     assert not list(run_dir.glob(".hydra/rerun_*"))
+
+
+def test_hydra_full_error_adds_the_traceback(tmp_path):
+    result = run_cli("dlab-sample", "ckpt_path=gone.ckpt", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "error: ckpt_path=gone.ckpt: no checkpoint at" in result.stderr
 
 
 def test_the_old_ckpt_key_is_rejected(tmp_path):
@@ -179,7 +185,9 @@ def test_sigterm_saves_a_checkpoint_that_last_and_the_run_folder_find(tmp_path):
     step = torch.load(ckpt, weights_only=False)["global_step"]
     assert step >= 1
 
-    resumed = run_cli("dlab-train", *args, f"trainer.max_steps={step + 2}", f"ckpt_path={run_dir}", cwd=tmp_path)
+    resumed = run_cli(
+        "dlab-train", *args, f"trainer.max_steps={step + 2}", f"ckpt_path={run_dir}", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{step + 2}/{step + 2}" in resumed.stdout  # the progress bar counts steps across the resume
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2

@@ -5,11 +5,7 @@ The classifier is trained once per machine by the `cache_dir` session fixture (t
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +92,9 @@ def test_missing_classifier_says_how_to_train_it(tmp_path):
 def test_accuracy_below_the_bar_fails_loudly(cache_dir, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(evaluator_dir(cache_dir), evaluator_dir(cache))
-    proc = run_cli("dlab-train-evaluator", "min_accuracy=1.01", cwd=tmp_path, env={"DLAB_CACHE_DIR": str(cache)})
+    proc = run_cli(
+        "dlab-train-evaluator", "min_accuracy=1.01", cwd=tmp_path, env={"DLAB_CACHE_DIR": str(cache)}
+    )
     assert proc.returncode == 1
     assert "min_accuracy=1.01" in proc.stderr and "Traceback" not in proc.stderr
 

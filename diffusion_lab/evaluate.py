@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import balanced_labels, generate_batched, load_module, pick_device, sampler_for
+from diffusion_lab.inference import generate_batched, load_module, pick_device, sampler_for
 from diffusion_lab.metrics.fid import MNISTEvaluator
 from diffusion_lab.utils import checks
 
@@ -28,7 +28,7 @@ log = logging.getLogger("diffusion_lab")
 
 
 def score(module, evaluator, sampler, n: int, guidance: float, cfg: DictConfig) -> dict:
-    labels = balanced_labels(n, module.encoder.num_classes)
+    labels = module.encoder.default_inputs(n)
     images = generate_batched(module, labels, guidance, sampler, cfg.batch_size, cfg.seed)
     return evaluator.evaluate(images, labels)
 

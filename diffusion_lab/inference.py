@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
-from diffusion_lab.errors import CheckpointError
+from diffusion_lab.errors import CheckpointError, ConfigError
+from diffusion_lab.utils import checks
 from diffusion_lab.utils.checkpoints import find_checkpoint, read_checkpoint
 from diffusion_lab.utils.images import to_uint8
 from diffusion_lab.utils.instantiate import build_module
@@ -49,8 +50,10 @@ def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_
     return module.to(device).eval(), path
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(n) % num_classes
+def cycle(items: torch.Tensor | list[str], n: int) -> torch.Tensor | list[str]:
+    """`items` repeated to length `n`: labels stay a tensor, prompts a list."""
+    repeats = (n + len(items) - 1) // len(items)
+    return items.repeat(repeats)[:n] if torch.is_tensor(items) else (list(items) * repeats)[:n]
 
 
 def sampler_for(module, sampler_cfg: DictConfig | None, steps: int | None):
@@ -60,6 +63,24 @@ def sampler_for(module, sampler_cfg: DictConfig | None, steps: int | None):
         return module.make_sampler(**overrides)
     factory = instantiate(sampler_cfg)
     return factory(schedule=module.schedule, prediction_type=module.hparams.prediction_type, **overrides)
+
+
+def conditions(cfg: DictConfig, encoder, n: int | None = None) -> tuple[torch.Tensor | list[str], str]:
+    """What a command samples: `labels=` for a class model (default: balanced over its classes),
+    `prompts=` or `prompts_file=` for a caption model; cycled to `n` (None: one of each). Also returns
+    the npz key that records them."""
+    prompts, labels = checks.prompts(cfg), checks.class_labels(cfg)
+    if encoder.input_key == "caption":
+        if labels is not None or prompts is None:
+            raise ConfigError(
+                "this is a caption model: give prompts='[\"a thick seven\"]' or prompts_file=<txt>"
+            )
+        return cycle(prompts, n or len(prompts)), "prompts"
+    if prompts is not None:
+        raise ConfigError("this is a class-conditional model: give labels=[3,7] (or nothing), not prompts")
+    if labels is None:
+        return encoder.default_inputs(n), "labels"
+    return cycle(torch.tensor(labels), n or len(labels)), "labels"
 
 
 @torch.no_grad()

@@ -1,4 +1,8 @@
-"""`dlab-sample`: a checkpoint plus a sampler config -> `samples.npz` and a PNG grid."""
+"""`dlab-sample`: a checkpoint plus a sampler config -> `samples.npz` and a PNG grid.
+
+A class model samples `labels` (default: balanced over its classes); a caption model samples
+`prompts` or the lines of `prompts_file`. Either is cycled to `n` images per guidance scale.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from diffusion_lab.cli import hydra_app
-from diffusion_lab.inference import balanced_labels, generate_batched, load_module, pick_device, sampler_for
+from diffusion_lab.inference import conditions, generate_batched, load_module, pick_device, sampler_for
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.images import to_model_range, to_unit
 
@@ -28,23 +32,20 @@ def run(cfg: DictConfig) -> Path:
 
     module, path = load_module(cfg.ckpt_path, pick_device(cfg.device), f"{cfg.paths.log_dir}/train/runs")
     log.info("sampling from %s", path)
-    num_classes = module.encoder.num_classes
-    wanted = checks.class_labels(cfg, num_classes)
-    if wanted is None:
-        labels = balanced_labels(n, num_classes)
-    else:
-        labels = torch.tensor(wanted).repeat((n + len(wanted) - 1) // len(wanted))[:n]
+    inputs, key = conditions(cfg, module.encoder, n)
     sampler = sampler_for(module, cfg.get("sampler"), steps)
 
-    images = torch.cat([generate_batched(module, labels, s, sampler, batch_size, cfg.seed) for s in scales])
+    images = torch.cat([generate_batched(module, inputs, s, sampler, batch_size, cfg.seed) for s in scales])
+    recorded = inputs.repeat(len(scales)).numpy() if key == "labels" else np.asarray(inputs * len(scales))
     np.savez_compressed(
         out / "samples.npz",
         images=images.numpy(),
-        labels=labels.repeat(len(scales)).numpy(),
-        guidance=np.repeat(np.asarray(scales, dtype=np.float32), len(labels)),
+        guidance=np.repeat(np.asarray(scales, dtype=np.float32), n),
+        **{key: recorded},
     )
-    # One block of rows per guidance scale; rows of `num_classes` when labels are balanced.
-    save_image(to_unit(to_model_range(images)), out / "samples.png", nrow=min(n, num_classes), padding=2)
+    # One block of rows per guidance scale; a row of each distinct label or prompt when they cycle.
+    per_row = min(n, len(set(inputs.tolist() if key == "labels" else inputs)))
+    save_image(to_unit(to_model_range(images)), out / "samples.png", nrow=per_row, padding=2)
     print(f"sampled {len(images)} images from {path}\nwrote {out / 'samples.npz'} and {out / 'samples.png'}")
     return out / "samples.npz"
 

@@ -143,7 +143,7 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀ at the same steps)."""
     from PIL import Image
 
-    from diffusion_lab.inference import load_module
+    from diffusion_lab.inference import conditions, load_module
 
     # Every argument is checked before the model is loaded.
     scales = checks.guidance_scales(cfg)
@@ -157,7 +157,7 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     module, path = load_module(cfg.ckpt_path, "cpu", f"{cfg.paths.log_dir}/train/runs")
     print(f"trajectory of {path}")
     sampler = module.make_sampler(num_steps=steps) if steps else module.sampler
-    labels = torch.arange(module.encoder.num_classes)
+    labels, _ = conditions(cfg, module.encoder)  # one row per class, or per prompt of a caption model
     generator = torch.Generator().manual_seed(cfg.seed)
     _, intermediates = module.generate(labels, guidance, sampler, generator, return_intermediates=True)
     x_t, x0 = (

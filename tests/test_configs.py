@@ -7,14 +7,20 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.utils.instantiate import build_module
-from tests.conftest import CONF_DIR
+from tests.conftest import CAPTIONS, CONF_DIR, TINY_CLIP
 
 GROUPS = [
     "data", "model", "schedule", "condition", "conditioning", "prediction", "loss",
-    "sampler", "optimizer", "lr_scheduler", "trainer", "callbacks", "logger",
+    "sampler", "optimizer", "lr_scheduler", "trainer", "callbacks", "logger", "text_encoder",
 ]  # fmt: skip
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "ddp")}
+# CLIP has no offline weights here: a tiny random-weight text model instead.
+TINY_CLIP_OVERRIDES = [
+    "condition.model=null",
+    "condition.config={" + ",".join(f"{k}:{v}" for k, v in TINY_CLIP.items()) + "}",
+]
+EXTRA = {("text_encoder", "clip"): ["condition=text", *TINY_CLIP_OVERRIDES]}
 
 
 def build_all(cfg):
@@ -29,11 +35,13 @@ def build_all(cfg):
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_instantiates(compose_cfg, group, option):
     extra = ["hydra/launcher=submitit_slurm"] if option == "slurm" else []
+    extra += EXTRA.get((group, option), ["condition=text"] if group == "text_encoder" else [])
     cfg = compose_cfg(f"{group}={option}", *extra)
     module, datamodule, callbacks, loggers = build_all(cfg)
     x = torch.randn(2, 1, 28, 28)
     t = torch.tensor([0, 999])
-    condition = module.encoder(torch.tensor([3, 7]))
+    inputs = CAPTIONS[:2] if module.encoder.input_key == "caption" else torch.tensor([3, 7])
+    condition = module.encoder(inputs)
     assert module.net(x, t, condition).shape == x.shape
     if (group, option) in NEEDS_GPU or option == "slurm":
         assert cfg.trainer.accelerator == "gpu"

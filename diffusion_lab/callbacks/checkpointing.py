@@ -25,7 +25,12 @@ log = logging.getLogger("diffusion_lab")
 
 class VerifiedModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that fails the run when a file it saved is missing or incomplete
-    (Lightning's writer can swallow a PermissionError and leave no file behind)."""
+    (Lightning's writer can swallow a PermissionError and leave no file behind), and that saves
+    nothing under `fast_dev_run` (Lightning's end-of-training `save_last` forgets to check it)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

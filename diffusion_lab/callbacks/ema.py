@@ -23,6 +23,8 @@ class WarmupEMA(EMAWeightAveraging):
     def _warmup_avg_fn(decay: float):
         @torch.no_grad()
         def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
+            if not averaged.is_floating_point():
+                return current  # integer buffers (e.g. a text encoder's position ids) are copied
             n = float(num_averaged)
             d = min(decay, (1.0 + n) / (10.0 + n))
             return averaged.lerp(current, 1.0 - d)

@@ -1,4 +1,4 @@
-"""A labelled grid of samples at validation: one row per class, a block of columns per guidance scale."""
+"""A grid of samples at validation: one row per class (or prompt), a block of columns per guidance scale."""
 
 from __future__ import annotations
 
@@ -10,28 +10,34 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils.images import to_unit
 
 
-def class_grid(
-    module, num_classes: int, per_class: int, guidance_scales, sampler, seed: int = 0
-) -> torch.Tensor:
-    """Images (3, H, W) in [0, 1]: row c holds `per_class` samples of class c at each guidance scale."""
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
+def condition_grid(module, rows, per_row: int, guidance_scales, sampler, seed: int = 0) -> torch.Tensor:
+    """Images (3, H, W) in [0, 1]: row r holds `per_row` samples of `rows[r]` (a label or a prompt) at each
+    guidance scale."""
+    inputs = (
+        rows.repeat_interleave(per_row)
+        if torch.is_tensor(rows)
+        else [r for r in rows for _ in range(per_row)]
+    )
     blocks = []
     for scale in guidance_scales:
         # The same seed for every scale, so columns differ only by the guidance.
         generator = torch.Generator().manual_seed(seed)
-        images = module.generate(labels, guidance_scale=scale, sampler=sampler, generator=generator)
-        blocks.append(images.view(num_classes, per_class, *images.shape[1:]))
-    # (classes, scales * per_class, C, H, W): columns grouped by guidance scale.
-    rows = torch.cat(blocks, dim=1)
-    flat = to_unit(rows.flatten(0, 1)).cpu()
-    return make_grid(flat, nrow=rows.shape[1], padding=2, pad_value=1.0)
+        images = module.generate(inputs, guidance_scale=scale, sampler=sampler, generator=generator)
+        blocks.append(images.view(len(rows), per_row, *images.shape[1:]))
+    # (rows, scales * per_row, C, H, W): columns grouped by guidance scale.
+    grid = torch.cat(blocks, dim=1)
+    return make_grid(to_unit(grid.flatten(0, 1)).cpu(), nrow=grid.shape[1], padding=2, pad_value=1.0)
 
 
 class SampleGrid(L.Callback):
-    """Samples with the EMA weights during validation, saves a PNG and logs it to every image logger."""
+    """Samples with the EMA weights during validation, saves a PNG and logs it to every image logger.
+
+    Rows are the classes of a class-conditional model, or `prompts` (required for a caption model).
+    """
 
     def __init__(
         self,
@@ -40,9 +46,24 @@ class SampleGrid(L.Callback):
         num_steps: int = 25,
         every_n_epochs: int = 1,
         seed: int = 0,
+        prompts: list[str] | None = None,
     ):
         self.per_class, self.guidance_scales = per_class, list(guidance_scales)
         self.num_steps, self.every_n_epochs, self.seed = num_steps, every_n_epochs, seed
+        self.prompts = list(prompts) if prompts else None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if pl_module.encoder.input_key == "caption" and not self.prompts:
+            raise ConfigError(
+                "callbacks.sample_grid.prompts is empty, and a caption model's sample grid needs prompts: "
+                'set callbacks.sample_grid.prompts=\'["a thick seven","a thin one"]\' (or sample_grid=null)'
+            )
+
+    def _rows(self, pl_module):
+        if pl_module.encoder.input_key == "caption":
+            return self.prompts, "rows: " + " | ".join(self.prompts)
+        labels = pl_module.encoder.default_inputs()  # one row per class
+        return labels, f"rows: classes {labels[0].item()}-{labels[-1].item()}"
 
     # Sampling runs inside the validation epoch, where the EMA callback has swapped its weights in,
     # whatever the order of the callbacks.
@@ -52,16 +73,13 @@ class SampleGrid(L.Callback):
     ) -> None:
         if batch_idx != 0 or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if pl_module.encoder.input_key != "label":
-            return  # caption models get their grids from a prompt list, not class rows
+        rows, caption = self._rows(pl_module)
         sampler = pl_module.make_sampler(num_steps=self.num_steps)
-        grid = class_grid(
-            pl_module, pl_module.encoder.num_classes, self.per_class, self.guidance_scales, sampler, self.seed
-        )
+        grid = condition_grid(pl_module, rows, self.per_class, self.guidance_scales, sampler, self.seed)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
-        caption = f"rows: classes 0-9; column blocks: guidance {self.guidance_scales}"
+        caption += f"; column blocks: guidance {self.guidance_scales}"
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, global_step=trainer.global_step)

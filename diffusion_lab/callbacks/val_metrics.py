@@ -5,7 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_lab.inference import balanced_labels, generate_batched
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.inference import generate_batched
 from diffusion_lab.metrics.fid import MNISTEvaluator
 
 
@@ -33,6 +34,11 @@ class GenerativeMetrics(L.Callback):
         self.evaluator: MNISTEvaluator | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if pl_module.encoder.input_key != "label":
+            raise ConfigError(
+                "callbacks=with_metrics scores class-conditional models; for a caption model use the "
+                "default callbacks and measure it afterwards with dlab-eval (caption fidelity)"
+            )
         if trainer.is_global_zero and self.evaluator is None:
             self.evaluator = MNISTEvaluator.from_cache(self.cache_dir, self.data_dir)
             self.evaluator.require(self.n, "callbacks.generative_metrics.n")
@@ -50,7 +56,7 @@ class GenerativeMetrics(L.Callback):
     @rank_zero_only
     def _score(self, pl_module) -> dict:
         sampler = pl_module.make_sampler(num_steps=self.num_steps)
-        labels = balanced_labels(self.n, pl_module.encoder.num_classes)
+        labels = pl_module.encoder.default_inputs(self.n)
         images = generate_batched(
             pl_module, labels, self.guidance_scale, sampler, self.batch_size, self.seed, progress=False
         )

@@ -41,17 +41,42 @@ def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
     return [float(s) for s in scales]
 
 
-def class_labels(cfg: DictConfig, num_classes: int, key: str = "labels") -> list[int] | None:
-    """null (balanced over the classes), one label, or a list, each in [0, num_classes)."""
+def class_labels(cfg: DictConfig, key: str = "labels") -> list[int] | None:
+    """null (balanced over the classes), one label, or a list of whole numbers (the class encoder checks
+    that they are classes of the model)."""
     if cfg.get(key) is None:
         return None
     labels = as_list(cfg.get(key))
-    if not labels or not all(_is_int(v) and 0 <= v < num_classes for v in labels):
+    if not labels or not all(_is_int(v) and v >= 0 for v in labels):
         raise ConfigError(
-            f"{key}={cfg.get(key)!r}: expected class labels in 0..{num_classes - 1}, "
+            f"{key}={cfg.get(key)!r}: expected class labels (whole numbers from 0), "
             f"e.g. {key}=3 or {key}=[3,7] (or {key}=null for all classes)"
         )
     return labels
+
+
+def prompts(cfg: DictConfig) -> list[str] | None:
+    """`prompts=` (one string or a list) or `prompts_file=` (a text file, one prompt a line); None if neither."""
+    if cfg.get("prompts") is not None and cfg.get("prompts_file") is not None:
+        raise ConfigError("give prompts= or prompts_file=, not both")
+    if cfg.get("prompts_file") is not None:
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"prompts_file={path}: no such file; expected a text file with one prompt a line"
+            )
+        found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not found:
+            raise ConfigError(f"prompts_file={path} holds no prompt; expected one prompt a line")
+        return found
+    if cfg.get("prompts") is None:
+        return None
+    found = [str(p).strip() for p in as_list(cfg.prompts)]
+    if not found or not all(found):
+        raise ConfigError(
+            f"prompts={cfg.prompts!r}: expected a caption or a list, e.g. prompts='[\"a thick seven\"]'"
+        )
+    return found
 
 
 def writable_dir(path: str | Path, key: str = "out") -> Path:

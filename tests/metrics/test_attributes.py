@@ -1,0 +1,106 @@
+"""Digit attributes (diffusion_lab/metrics/attributes.py) on constructed images with known answers:
+bars of known width, real digits dilated, sheared and squeezed, and the train-split tertiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_lab.data.mnist import load_split
+from diffusion_lab.metrics.attributes import (
+    ATTRIBUTES,
+    classify,
+    classify_indices,
+    measure,
+    measure_batched,
+    tertiles,
+    train_thresholds,
+    train_values,
+)
+from diffusion_lab.utils.images import to_model_range
+from tests.conftest import DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return load_split(DATA_DIR, train=False)[0][:32]  # uint8 (32, 1, 28, 28), all ten classes
+
+
+def bars(*widths: int) -> torch.Tensor:
+    """uint8 vertical bars 20 px high, centred, `width` px wide."""
+    images = torch.zeros(len(widths), 1, 28, 28, dtype=torch.uint8)
+    for i, w in enumerate(widths):
+        images[i, 0, 4:24, 14 - w // 2 : 14 - w // 2 + w] = 255
+    return images
+
+
+def warp(images: torch.Tensor, shear: float = 0.0, x_scale: float = 1.0) -> torch.Tensor:
+    """Shear (pixels right per pixel up, > 0 leans the top right) and stretch horizontally about the centre."""
+    # Output (x, y) samples the input at (x / x_scale + shear * y); y grows downwards, so the top moves right.
+    theta = torch.tensor([[1 / x_scale, shear, 0.0], [0.0, 1.0, 0.0]]).expand(len(images), 2, 3)
+    unit = images.float() / 255  # zero padding outside must be background
+    grid = F.affine_grid(theta, list(unit.shape), align_corners=False)
+    out = F.grid_sample(unit, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out * 255).round().to(torch.uint8)
+
+
+def test_thicker_strokes_measure_thicker(digits):
+    thickness = measure(bars(1, 2, 4, 6))["thickness"]
+    assert torch.all(thickness.diff() > 0), thickness
+    assert thickness[0] == pytest.approx(1.0, abs=0.1)  # ≈ the stroke width in pixels
+    dilated = F.max_pool2d(digits.float(), 3, stride=1, padding=1).to(torch.uint8)  # every stroke +2 px
+    assert torch.all(measure(dilated)["thickness"] > measure(digits)["thickness"])
+
+
+def test_shear_sets_the_slant(digits):
+    assert torch.all(measure(bars(2))["slant"].abs() < 1e-6)  # a vertical bar is upright
+    slants = torch.stack([measure(warp(digits, s))["slant"] for s in (-0.5, -0.25, 0.0, 0.25, 0.5)])
+    assert torch.all(slants.diff(dim=0) > 0)  # more shear to the right, more slant to the right, per digit
+
+    thresholds = train_thresholds(DATA_DIR)
+    upright = digits[torch.tensor([s == "upright" for s in classify(measure(digits), thresholds)["slant"]])]
+    assert len(upright) >= 5
+    assert set(classify(measure(warp(upright, 0.5)), thresholds)["slant"]) == {"right"}
+    assert set(classify(measure(warp(upright, -0.5)), thresholds)["slant"]) == {"left"}
+    assert set(classify(measure(warp(bars(2), 0.5)), thresholds)["slant"]) == {"right"}
+
+
+def test_narrow_digits_measure_narrower(digits):
+    width = measure(bars(2, 5, 10))["width"]
+    assert torch.all(width.diff() > 0)
+    assert width.tolist() == pytest.approx([2.4, 5.4, 10.4], abs=0.01)  # pixels, plus sub-pixel edges
+    squeezed, stretched = warp(digits, x_scale=0.7), warp(digits, x_scale=1.2)
+    assert torch.all(measure(squeezed)["width"] < measure(digits)["width"])
+    assert torch.all(measure(digits)["width"] < measure(stretched)["width"])
+
+
+def test_uint8_float_and_chunked_measure_the_same(digits):
+    as_uint8, as_float = measure(digits), measure(to_model_range(digits))
+    in_chunks = measure_batched(digits, batch_size=5)
+    for name in ATTRIBUTES:
+        torch.testing.assert_close(as_uint8[name], as_float[name])
+        torch.testing.assert_close(as_uint8[name], in_chunks[name])
+
+
+def test_an_empty_image_measures_zero():
+    for name, value in measure(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).items():
+        assert torch.all(value == 0), name
+
+
+def test_train_tertiles_split_mnist_into_thirds():
+    thresholds = train_thresholds(DATA_DIR)
+    values = train_values(DATA_DIR)
+    assert len(values["width"]) == 60_000
+    for name, index in classify_indices(values, thresholds).items():
+        low, high = thresholds[name]
+        assert low < high
+        shares = torch.bincount(index, minlength=3) / len(index)
+        assert torch.all((shares > 0.30) & (shares < 0.37)), (name, shares)
+
+
+def test_classify_names_the_classes_in_order():
+    values = {name: torch.tensor([0.0, 1.5, 3.0]) for name in ATTRIBUTES}
+    thresholds = {name: (1.0, 2.0) for name in ATTRIBUTES}
+    assert classify(values, thresholds) == {name: list(classes) for name, classes in ATTRIBUTES.items()}
+    assert tertiles(torch.arange(300.0)) == pytest.approx((99.67, 199.33), abs=0.01)

@@ -31,6 +31,8 @@ from diffusion_lab.utils import resolvers
 IGNORED_WARNINGS = [
     # MNIST is an in-memory tensor: worker processes only add overhead (see data/mnist.py).
     r".*does not have many workers which may be a bottleneck.*",
+    # Caption shards report an exact per-rank length by construction (data/webdataset_shards.py).
+    r".*Your `IterableDataset` has `__len__` defined.*",
 ]
 
 

@@ -18,7 +18,9 @@ from omegaconf import DictConfig
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.inference import generate_batched, load_module, pick_device, sampler_for
+from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
+from diffusion_lab.metrics.targets import Targets, targets_for
 from diffusion_lab.utils import checks
 
 matplotlib.use("Agg")
@@ -27,10 +29,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 log = logging.getLogger("diffusion_lab")
 
 
-def score(module, evaluator, sampler, n: int, guidance: float, cfg: DictConfig) -> dict:
-    labels = module.encoder.default_inputs(n)
-    images = generate_batched(module, labels, guidance, sampler, cfg.batch_size, cfg.seed)
-    return evaluator.evaluate(images, labels)
+def score(evaluator, module, sampler, targets: Targets, guidance: float, cfg: DictConfig) -> dict:
+    """FID / KID / digit accuracy of samples for `targets`, plus caption fidelity for a caption model."""
+    images = generate_batched(module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed)
+    result = evaluator.evaluate(images, targets.digits)
+    if targets.attributes:
+        result["attribute_agreement"] = agreement(
+            images, targets.attributes, train_thresholds(cfg.paths.data_dir)
+        )
+    return result
 
 
 def plot_sweep(ax_fid, ax_acc, xs, rows: list[dict], label: str, floor: float | None = None) -> None:
@@ -79,14 +86,17 @@ def run(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
 
+    targets = targets_for(module, cfg.n, cfg.get("captions"))
+    sweep_targets = targets_for(module, cfg.steps_sweep.n, cfg.get("captions"))
+
     # ---------------------------------------------------------------- guidance sweep
     sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
     results["sampler"] = {"name": type(sampler).__name__, "steps": sampler.num_steps}
     results["guidance"] = {}
-    for scale in cfg.guidance:
-        results["guidance"][str(scale)] = score(module, evaluator, sampler, cfg.n, scale, cfg)
+    for scale in checks.guidance_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
+        results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)
         log.info("guidance %g: %s", scale, {k: v for k, v in results["guidance"][str(scale)].items()
-                                             if k in ("fid", "accuracy", "fid_real_floor")})  # fmt: skip
+                                             if k in ("fid", "accuracy", "fid_real_floor", "attribute_agreement")})  # fmt: skip
     guidance_rows = list(results["guidance"].values())
     results["fid_real_floor"] = guidance_rows[0]["fid_real_floor"]
 
@@ -97,14 +107,14 @@ def run(cfg: DictConfig) -> dict:
         rows = []
         for steps in sweep.steps:
             sweep_sampler = sampler_for(module, cfg.samplers[name], steps)
-            rows.append(score(module, evaluator, sweep_sampler, sweep.n, sweep.guidance, cfg))
+            rows.append(score(evaluator, module, sweep_sampler, sweep_targets, sweep.guidance, cfg))
         results["steps"][name] = {str(s): r for s, r in zip(sweep.steps, rows, strict=True)}
     results["seconds"] = time.perf_counter() - start
 
     # ---------------------------------------------------------------- outputs
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    plot_sweep(ax_fid, ax_acc, list(cfg.guidance), guidance_rows, results["sampler"]["name"],
+    plot_sweep(ax_fid, ax_acc, checks.guidance_scales(cfg), guidance_rows, results["sampler"]["name"],
                results["fid_real_floor"])  # fmt: skip
     ax_fid.set(xlabel="guidance scale", ylabel="FID-MNIST", yscale="log", title=f"N = {cfg.n}")
     ax_acc.set(xlabel="guidance scale", ylabel="conditional accuracy", ylim=(0, 1.02))
@@ -123,6 +133,11 @@ def run(cfg: DictConfig) -> dict:
         f"eval/{k}@g{s}": r[k]
         for s, r in results["guidance"].items()
         for k in ("fid", "kid_mean", "accuracy")
+    }
+    flat |= {
+        f"eval/agreement_{name}@g{s}": value
+        for s, r in results["guidance"].items()
+        for name, value in r.get("attribute_agreement", {}).items()
     }
     for logger in loggers:
         logger.log_metrics(flat | {"eval/fid_real_floor": results["fid_real_floor"]})

@@ -85,12 +85,18 @@ def conditions(cfg: DictConfig, encoder, n: int | None = None) -> tuple[torch.Te
 
 @torch.no_grad()
 def generate_batched(
-    module, labels: torch.Tensor, guidance: float, sampler, batch_size: int, seed: int, progress: bool = True
+    module,
+    inputs: torch.Tensor | list[str],
+    guidance: float,
+    sampler,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) for `labels`, in batches; batch k is seeded with seed + k, so the
-    images do not depend on which command (or callback) asks for them."""
+    """uint8 images (N, C, H, W) for `inputs` (labels or prompts), in batches; batch k is seeded with
+    seed + k, so the images do not depend on which command (or callback) asks for them."""
     chunks = []
-    batches = labels.split(batch_size)
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     if progress:
         batches = track(batches, description=f"sampling (guidance {guidance:g})")
     for k, chunk in enumerate(batches):

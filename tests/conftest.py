@@ -106,3 +106,12 @@ def tiny_run(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (cwd / "outputs" / "debug" / "runs").iterdir()
     return cwd, run_dir, result
+
+
+@pytest.fixture(scope="session")
+def captioned_mnist(tmp_path_factory) -> Path:
+    """Captioned MNIST (200 train digits, 64 held out) written by the installed `dlab-make-captions`."""
+    out = tmp_path_factory.mktemp("captions") / "captioned_mnist"
+    result = run_cli("dlab-make-captions", "n=200", "n_val=64", f"out={out}", cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

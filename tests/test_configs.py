@@ -20,7 +20,10 @@ TINY_CLIP_OVERRIDES = [
     "condition.model=null",
     "condition.config={" + ",".join(f"{k}:{v}" for k, v in TINY_CLIP.items()) + "}",
 ]
-EXTRA = {("text_encoder", "clip"): ["condition=text", *TINY_CLIP_OVERRIDES]}
+EXTRA = {
+    ("text_encoder", "clip"): ["condition=text", *TINY_CLIP_OVERRIDES],
+    ("data", "captions"): ["condition=text", "data.root=captions/train"],  # read at setup, not here
+}
 
 
 def build_all(cfg):

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from diffusion_lab.errors import DataError
+from diffusion_lab.errors import ConfigError, DataError
 from diffusion_lab.utils.images import to_model_range
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -144,6 +144,19 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
+def ranks(datamodule: L.LightningDataModule) -> tuple[int, int]:
+    """(world size, rank) of the datamodule's trainer, checking that `data.batch_size`, the global batch,
+    splits evenly over the processes (each gets batch_size / world)."""
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+    if datamodule.hparams.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={datamodule.hparams.batch_size} is the global batch and must divide evenly "
+            f"over {world} processes; pick a multiple of {world}."
+        )
+    return world, rank
+
+
 class MNISTDataModule(L.LightningDataModule):
     """Train/val from the official train split (seeded split), test from the official test split."""
 
@@ -178,12 +191,7 @@ class MNISTDataModule(L.LightningDataModule):
             self.test_set = TensorImageDataset(*load_split(hp.data_dir, False, hp.dataset))
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if self.hparams.batch_size % world:
-            raise ValueError(
-                f"data.batch_size={self.hparams.batch_size} is the global batch and must divide evenly "
-                f"over {world} processes; pick a multiple of {world}."
-            )
+        world, rank = ranks(self)
         # A DistributedSampler even on one process: its shuffle is seeded by (seed, epoch), so a
         # resumed run sees exactly the order an uninterrupted one would (Lightning calls set_epoch).
         sampler = ResumableSampler(

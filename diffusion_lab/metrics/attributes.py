@@ -144,3 +144,15 @@ def train_thresholds(data_dir: str | Path) -> dict[str, tuple[float, float]]:
     return {
         name: tertiles(v) for name, v in _train_values(str(Path(data_dir).expanduser().resolve())).items()
     }
+
+
+def agreement(
+    images: torch.Tensor, wanted: dict[str, list[str]], thresholds: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Caption fidelity: per attribute, the fraction of `images` whose measured class is the `wanted` one
+    (chance is about 1/3, since the classes split at tertiles)."""
+    measured = classify(measure_batched(images), thresholds)
+    return {
+        name: sum(m == w for m, w in zip(measured[name], wanted[name], strict=True)) / len(wanted[name])
+        for name in wanted
+    }

@@ -47,12 +47,6 @@ def fake_sweep(root: Path) -> Path:
     return root
 
 
-def test_help_names_the_keys(tmp_path):
-    result = run_cli("dlab-report", "--help", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "sweep=" in result.stdout and "out=" in result.stdout and "failed" in result.stdout
-
-
 def test_fake_multirun_marks_every_status(tmp_path):
     sweep, out = fake_sweep(tmp_path / "sweep"), tmp_path / "report"
     result = run_cli("dlab-report", f"sweep={sweep}", f"out={out}", cwd=tmp_path)

@@ -88,3 +88,17 @@ def test_dlab_eval_of_a_text_model_reports_caption_fidelity(text_run, captioned_
     assert set(row["attribute_agreement"]) == {"thickness", "slant", "width"}
     assert all(0.0 <= v <= 1.0 for v in row["attribute_agreement"].values())
     assert row["fid"] > row["fid_real_floor"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_trajectory_of_a_text_model_takes_prompts(text_run, tmp_path):
+    args = [
+        "plot=trajectory",
+        f"ckpt_path={text_run}",
+        "prompts=[a thick seven,digit 1]",
+        "steps=2",
+        "out=viz",
+    ]
+    result = run_cli("dlab-viz", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(tmp_path / "viz" / "trajectory.gif") as gif:
+        assert gif.size == (3 * (2 * 30 + 2), 3 * (2 * 30 + 2))  # one column per prompt, x_t above x̂₀

@@ -36,8 +36,9 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        # logger=False: train() logs the whole resolved run config once; these are a subset of it.
         self.save_hyperparameters(
-            ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"]
+            ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"], logger=False
         )
         self.net, self.schedule, self.encoder = net, schedule, encoder
         self.sampler_factory = sampler

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError, DivergedError
-from diffusion_lab.utils.checkpoints import find_checkpoint, read_checkpoint
+from diffusion_lab.utils.checkpoints import find_checkpoint, newest_checkpoint, read_checkpoint
+from diffusion_lab.utils.cluster import check_ranks_agree, ddp_ranks_join_their_job, one_ddp_group_per_job
 from diffusion_lab.utils.instantiate import build, build_module
 from diffusion_lab.utils.resume import check_resume_config
 from diffusion_lab.utils.run import print_config_tree, record_dir, write_metrics
@@ -37,13 +38,32 @@ def check_accelerator(cfg: DictConfig) -> None:
 
 
 def resolve_resume(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from, checked against this run's config before anything is built."""
-    if not cfg.get("ckpt_path"):
-        return None
-    path = find_checkpoint(str(cfg.ckpt_path), f"{cfg.paths.log_dir}/{cfg.task_name}/runs")
+    """The checkpoint to resume from, checked against this run's config before anything is built:
+    `ckpt_path=`, else the newest checkpoint already in the run folder (a fixed `out=` or
+    hydra.run.dir run again, a requeued cluster job)."""
+    if cfg.get("ckpt_path"):
+        path = find_checkpoint(str(cfg.ckpt_path), f"{cfg.paths.log_dir}/{cfg.task_name}/runs")
+    else:
+        path = newest_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
+        if path is None:
+            return None
+        log.info("the run folder already holds %s: resuming from it (delete it to start afresh)", path)
     check_resume_config(read_checkpoint(path).get("run_config"), cfg, path)
     log.info("resuming from %s", path)
     return path
+
+
+def objective(metrics: dict, cfg: DictConfig) -> float | None:
+    """The value a Hydra sweeper optimises: the logged metric named by `optimized_metric`."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name}: this run logged no such metric; it logged {sorted(metrics)}. "
+            "Pick one of those, or log it (val/fid, val/accuracy: add callbacks=with_metrics)."
+        )
+    return metrics[name]
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -51,6 +71,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     # Fail on a wrong checkpoint or a missing GPU before spending time on data or models.
     check_accelerator(cfg)
     ckpt_path = resolve_resume(cfg)
+    ddp_ranks_join_their_job()
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("datamodule", cfg.data)
@@ -63,11 +84,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     for logger in trainer.loggers:
         logger.log_hyperparams(module.run_config)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
-    if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule)
-        metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)})
+    with one_ddp_group_per_job():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        check_ranks_agree(trainer, module)
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
+        if cfg.get("test"):
+            trainer.test(module, datamodule=datamodule)
+            metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)})
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise DivergedError(
@@ -83,7 +106,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 def main(cfg: DictConfig) -> float | None:
     print_config_tree(cfg, save_to=record_dir(cfg))
     metrics, _ = train(cfg)
-    return metrics.get("val/loss")  # the value a Hydra sweeper (e.g. Optuna) optimises
+    return objective(metrics, cfg)
 
 
 if __name__ == "__main__":

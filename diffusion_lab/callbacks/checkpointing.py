@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_lab.errors import Interrupted
 from diffusion_lab.utils.checkpoints import verify_checkpoint
+from diffusion_lab.utils.cluster import requeue_slurm_job
 
 log = logging.getLogger("diffusion_lab")
 
@@ -39,11 +40,23 @@ class VerifiedModelCheckpoint(ModelCheckpoint):
 
 
 class Preemption(L.Callback):
-    """On any of `signals`, save `<dirpath>/interrupted.ckpt` after the current step and stop."""
+    """On any of `signals`, save `<dirpath>/interrupted.ckpt` after the current step and stop.
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
+    Inside a SLURM job, the `requeue_signals` (the warning sent before the time limit: `--signal=USR1@120`
+    in sbatch, SIGUSR2 from submitit) also put the job back in the queue; its run folder is named after
+    the job, so the restarted job resumes from this checkpoint. Lightning's own SLURM requeue is off
+    (trainer/slurm.yaml): it saves inside the signal handler, in the middle of a step.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGINT"),
+        requeue_signals: tuple[str, ...] = (),
+    ):
         self.dirpath = Path(dirpath)
         self.signals = [signal.Signals[name] for name in signals]
+        self.requeue_signals = [signal.Signals[name] for name in requeue_signals]
         self.received: int | None = None
         self._previous: dict = {}
 
@@ -90,6 +103,8 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             verify_checkpoint(path)
+            if signum in self.requeue_signals:
+                requeue_slurm_job()
         raise Interrupted(
             signum,
             f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; saved {path}. "

@@ -15,6 +15,11 @@ def _newest(paths) -> Path | None:
     return max(paths, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written `*.ckpt` in `folder`, or None."""
+    return _newest(folder.glob("*.ckpt"))
+
+
 def find_checkpoint(spec: str, runs_dir: str | Path) -> Path:
     """Turn `last`, a run folder or a `.ckpt` path into an existing checkpoint file.
 

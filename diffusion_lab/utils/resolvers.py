@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError, UserError
+from diffusion_lab.utils import cluster
 from diffusion_lab.utils.checkpoints import find_checkpoint, run_dir_of
 from diffusion_lab.utils.checks import writable_dir
 
@@ -20,7 +22,7 @@ def _stamp() -> str:
 
 
 def _run_dir(out, runs_dir: str) -> str:
-    """`out=` if given, else a new folder under `runs_dir`, checked to be writable.
+    """`out=` if given, else a new `<time>_<pid>` folder under `runs_dir`, checked to be writable.
 
     Hydra creates this folder before the command starts and reports a failure with a traceback, so
     an unwritable one is reported here, as the one line every command uses for a known mistake.
@@ -34,22 +36,59 @@ def _run_dir(out, runs_dir: str) -> str:
     return path
 
 
-def _resume_dir(ckpt_path, runs_dir: str) -> str | None:
-    """A resumed run keeps writing into the run folder of its checkpoint."""
+def _train_run_dir(ckpt_path, runs_dir: str) -> str | None:
+    """Where a training run writes when `out=` is not given: the run folder of the checkpoint it
+    resumes; inside a SLURM or torchrun job, a folder named after the job (every rank and every
+    requeue of the job agree on it); else None (a new `<time>_<pid>` folder)."""
     if ckpt_path is None:
-        return None
+        job = cluster.cluster_job_id()
+        return f"{runs_dir}/{job}" if job else None
     try:
         return str(run_dir_of(find_checkpoint(str(ckpt_path), runs_dir)))
     except UserError:
         return None  # train() reports the missing checkpoint with the full explanation
 
 
-def _record_subdir(run_dir: str) -> str:
+def _sweep_dir(multiruns_dir: str) -> str:
+    """A multirun's folder: named after the cluster job when inside one, else after the time."""
+    return f"{multiruns_dir}/{cluster.cluster_job_id() or datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def _record_subdir(run_dir: str) -> str | None:
     """Where Hydra writes this command's config: `.hydra`, or beside it when the folder already holds
-    one, so a resume never rewrites the record of how the run was made."""
+    one, so a resume never rewrites the record of how the run was made. Rank 0 alone writes it."""
+    if not cluster.is_launch_rank_zero():
+        return None
     if (Path(run_dir) / ".hydra" / "config.yaml").is_file():
         return f".hydra/rerun_{_stamp()}"
     return ".hydra"
+
+
+def _log_file(path: str) -> str:
+    """The command's log file; ranks other than 0 log to the console only."""
+    return path if cluster.is_launch_rank_zero() else os.devnull
+
+
+def _wandb_group(mode, sweep_dir: str) -> str | None:
+    """A multirun's jobs share one W&B group: the sweep's folder name."""
+    return Path(sweep_dir).name if str(mode).endswith("MULTIRUN") else None
+
+
+def _wandb_name(overrides: str, task_name: str) -> str:
+    """A W&B run's name: the job's overrides (what sets it apart in a sweep), else the task."""
+    return overrides or task_name
+
+
+def _wandb_run_id(run_dir: str) -> str:
+    """The W&B run id kept in the run folder (`wandb_id.txt`), so a resumed or requeued run goes on
+    logging into the same W&B run; a new one for a new folder."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if path.parent.is_dir() and cluster.is_launch_rank_zero():
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def _wandb_offline() -> bool:
@@ -66,6 +105,11 @@ def register() -> None:
     OmegaConf.register_new_resolver("dlab_cwd", os.getcwd, replace=True)
     # Cached: every read of the run folder within one command gives the same name.
     OmegaConf.register_new_resolver("dlab_run_dir", _run_dir, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("dlab_resume_dir", _resume_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("dlab_train_run_dir", _train_run_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("dlab_sweep_dir", _sweep_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("dlab_record_subdir", _record_subdir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("dlab_log_file", _log_file, replace=True)
     OmegaConf.register_new_resolver("dlab_wandb_offline", _wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("dlab_wandb_group", _wandb_group, replace=True)
+    OmegaConf.register_new_resolver("dlab_wandb_name", _wandb_name, replace=True)
+    OmegaConf.register_new_resolver("dlab_wandb_run_id", _wandb_run_id, replace=True, use_cache=True)

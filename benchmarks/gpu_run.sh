@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# The one GPU script (issue 10), run from the repo root on a lent GPU machine:
+#   bash benchmarks/gpu_run.sh                 # on the GPU: results in $OUT (at most 8 files)
+#   SMOKE=1 PY=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_run.sh   # every code path, tiny, on CPU
+# Needs, in the ignored folder .gpu/ (carried to the machine; never committed):
+#   .gpu/whl/*.whl    pure-Python wheels missing there: hydra-core, omegaconf, antlr4, hydra-joblib-launcher,
+#                     diffusers, importlib_metadata, lazy-importer (installed with --target, not the project)
+#   .gpu/mnist/*.gz   the four MNIST IDX files, gzipped
+#   .gpu/cache/       the trained evaluator (dlab-train-evaluator with DLAB_CACHE_DIR=.gpu/cache)
+# Stages, most valuable first; each is guarded by `timeout` against a deadline measured from the start
+# (BUDGET seconds in all), so a slow stage leaves the earlier results in $OUT:
+#   A. the recipe sweep: `dlab-train -m` in fp32 (so quality transfers to the CPU recipe with the same
+#      steps and batch), several jobs at once on the one GPU (joblib launcher); each finished job is
+#      scored by `dlab-eval` (N = 5,000, several guidance scales, no steps sweep) while the others train;
+#      then benchmarks/gpu_summary.py (the recipe table) and `dlab-report`.
+#   B. one short `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile), then dlab-eval.
+#   C. the speed benchmarks (train throughput vs diffusers, loop overhead, sampling), bf16, with and
+#      without compile, where the scripts exist.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+SMOKE=${SMOKE:-0}
+STAGES=${STAGES:-ABC}          # which stages to run (e.g. STAGES=BC)
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/gpu_out}
+WORK=${WORK:-/tmp/gpu_work}
+BUDGET=${BUDGET:-440}            # seconds for everything; the run call's timeout_s should leave a margin
+T0=$(date +%s)
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+elapsed() { echo $(( $(date +%s) - T0 )); }
+stage() { echo "=== [$(elapsed) s] $*"; }
+until_t() { local s=$(( $1 - $(elapsed) )); (( s < 5 )) && s=5; echo "$s"; }  # seconds left to deadline $1
+package() {  # everything small in one archive (no checkpoints), re-made after each stage
+  tar czf "$OUT/results.tgz.part" -C "$WORK" --exclude='*.ckpt' --exclude='site' --exclude='mnist' \
+    --exclude='cache' . 2>/dev/null && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
+
+# ---------------------------------------------------------------- settings (SMOKE=1: tiny, on CPU)
+if [[ "$SMOKE" == 1 ]]; then
+  DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2; RUN_D=${RUN_D:-1}
+  SWEEP_SCALE=(trainer.accelerator=cpu model=unet_tiny data.batch_size=16 trainer.limit_val_batches=1
+               callbacks.sample_grid.per_class=1 callbacks.sample_grid.num_steps=2)
+  STEPS_A=3,4; STEPS_B=3; STEPS_C_B128=2; STEPS_C_B32=4; STEPS_C_ADALN=3
+  EVAL_N=256; GUIDANCE="[2.0,3.0]"; EVAL_EXTRA=(steps=2)
+  GPU_TRAIN=(trainer.accelerator=cpu trainer.precision=32-true module.compile=false model=unet_tiny
+             trainer.max_steps=3 data.batch_size=16 trainer.limit_val_batches=1 callbacks.sample_grid.per_class=1
+             callbacks.sample_grid.num_steps=2)
+  BENCH=(--device cpu --batch 8 --rounds 1 --steps 1 --warmup 1)
+  LOOP=(--device cpu --steps 2 --warmup 1 --rounds 1 --data-batches 4 model=unet_tiny data.batch_size=16)
+  SAMPLING=(--device cpu --n 8 --batch-size 8 --quality off)
+  BENCH_COMPILE=${SMOKE_COMPILE:-0}
+else
+  DEVICE=cuda; SITE=/tmp/site; N_JOBS=4
+  SWEEP_SCALE=()
+  STEPS_A=${STEPS_A:-1500,2500}; STEPS_B=${STEPS_B:-2000}
+  STEPS_C_B128=${STEPS_C_B128:-1000}; STEPS_C_B32=${STEPS_C_B32:-4000}; STEPS_C_ADALN=${STEPS_C_ADALN:-2000}
+  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.5,2.0,2.5,3.0]"}; EVAL_EXTRA=(batch_size=2500)
+  GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-1500})
+  BENCH=(--device cuda --precision bf16 --batch 256 --rounds 3 --steps 10 --warmup 3)
+  LOOP=(--device cuda --precision bf16 --steps 30 --rounds 3 experiment=mnist_gpu)
+  SAMPLING=(--device cuda --precision bf16 --n 1000 --batch-size 1000)
+  BENCH_COMPILE=1
+fi
+# Deadlines (seconds from the start): sweep training, sweep evals, mnist_gpu, benchmarks = BUDGET.
+T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 64 / 100 )); T_GPU=$(( BUDGET * 84 / 100 ))
+
+# ---------------------------------------------------------------- setup
+stage "setup (SMOKE=$SMOKE, STAGES=$STAGES, budget ${BUDGET} s)"
+if [[ "$DEVICE" == cuda ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/whl/*.whl \
+  || { echo "FATAL: wheel install failed"; exit 1; }
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export DLAB_DATA_DIR="$WORK/mnist" DLAB_CACHE_DIR="$WORK/cache"
+mkdir -p "$DLAB_DATA_DIR/MNIST/raw" "$DLAB_CACHE_DIR"
+for f in .gpu/mnist/*.gz; do gunzip -c "$f" > "$DLAB_DATA_DIR/MNIST/raw/$(basename "$f" .gz)"; done
+cp -r .gpu/cache/. "$DLAB_CACHE_DIR/"
+"$PY" - <<'EOF' || { echo "FATAL: imports failed"; exit 1; }
+import torch, lightning, torchmetrics, hydra, omegaconf, diffusers
+print(f"python ok: torch {torch.__version__} cuda={torch.cuda.is_available()} lightning {lightning.__version__} "
+      f"torchmetrics {torchmetrics.__version__} hydra {hydra.__version__} omegaconf {omegaconf.__version__} "
+      f"diffusers {diffusers.__version__}")
+if torch.cuda.is_available():
+    print("gpu:", torch.cuda.get_device_name(0))
+EOF
+[[ -f "$DLAB_CACHE_DIR/evaluator/classifier.pt" ]] || { echo "FATAL: no evaluator in .gpu/cache"; exit 1; }
+stage "setup done"
+
+# ---------------------------------------------------------------- helpers
+# dlab-train without installing the project. Not `python -m diffusion_lab.train`: the joblib launcher
+# pickles the task function, and one defined in __main__ goes by value, dragging torch modules along.
+TRAIN=("$PY" -c "from diffusion_lab.train import main; main()")
+# Every sweep job: fp32 on the GPU, one validation (loss, sample grid, checkpoint) at the end.
+COMMON=(trainer=gpu trainer.precision=32-true 'trainer.val_check_interval=${trainer.max_steps}'
+        callbacks.rich_progress_bar=null callbacks.rich_model_summary=null hydra/launcher=joblib)
+sweep() {  # sweep <name> <n_jobs> <overrides...>: one `dlab-train -m` into $WORK/sweep_<name>
+  local name=$1 n=$2; shift 2
+  echo "  [$(elapsed) s] sweep $name: $*"
+  timeout -k 20 "$(until_t "$T_SWEEP")" "${TRAIN[@]}" -m "${COMMON[@]}" hydra.launcher.n_jobs="$n" \
+    "${SWEEP_SCALE[@]}" "$@" hydra.sweep.dir="$WORK/sweep_$name" > "$WORK/sweep_$name.log" 2>&1
+  local rc=$?
+  echo "  [$(elapsed) s] sweep $name exit $rc ($(ls "$WORK/sweep_$name"/*/metrics.json 2>/dev/null | wc -l) jobs finished)"
+  (( rc == 0 )) || grep -E "Error|error" "$WORK/sweep_$name.log" | tail -3
+}
+EVAL_PIDS=()
+declare -A EVAL_STARTED=()
+EVAL_PAR=${EVAL_PAR:-3}
+evaluate() {  # evaluate <run folder> <out folder> <guidance> <deadline>: dlab-eval, one line of result
+  timeout -k 10 "$(until_t "$4")" "$PY" -m diffusion_lab.evaluate ckpt_path="$1" out="$2" n="$EVAL_N" \
+    guidance="$3" 'steps_sweep.samplers=[]' device="$DEVICE" "${EVAL_EXTRA[@]}" > "$1/eval.log" 2>&1
+  local rc=$?
+  echo "  [$(elapsed) s] eval $1 exit $rc: $(grep -E 'guidance [0-9.]+:' "$1/eval.log" | sed -E 's/.*guidance/g/' | tr '\n' ' ')"
+  (( rc == 0 )) || tail -3 "$1/eval.log"
+}
+running_evals() { local n=0 p; for p in "${EVAL_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done; echo "$n"; }
+pump_evals() {  # start dlab-eval on each finished, not yet evaluated job (at most EVAL_PAR at once)
+  local m d
+  for m in "$WORK"/sweep_*/*/metrics.json; do
+    [[ -f "$m" ]] || continue
+    d=$(dirname "$m")
+    [[ -n "${EVAL_STARTED[$d]:-}" ]] && continue
+    (( $(running_evals) >= EVAL_PAR )) && return
+    EVAL_STARTED[$d]=1
+    evaluate "$d" "$d/eval" "$GUIDANCE" "$T_EVAL" &
+    EVAL_PIDS+=($!)
+  done
+}
+
+# ---------------------------------------------------------------- A. recipe sweep + streaming eval
+if [[ "$STAGES" == *A* ]]; then
+stage "A. recipe sweep (fp32, ${N_JOBS} jobs at once), dlab-eval N=$EVAL_N guidance=$GUIDANCE per job"
+# A: the core grid (8 jobs): budget (steps) x lr x EMA decay, batch 64 as on the CPU.
+sweep a "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_A" optimizer.lr=1e-3,2e-3 callbacks.ema.decay=0.995,0.999 &
+PID_A=$!
+# Beside A: B, prediction x CFG dropout (4 jobs at once); then, side by side, C, batch 128 at half the
+# steps (the same images), and E, adaLN (the old default) at B's steps as the reference; D (batch 32 at
+# twice the steps, dearer per image on a CPU) only with RUN_D=1.
+(
+  sweep b "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_B" optimizer.lr=2e-3 \
+    prediction=epsilon,v_prediction condition.drop_prob=0.1,0.2
+  sweep c 1 conditioning=concat trainer.max_steps="$STEPS_C_B128" optimizer.lr=2e-3 data.batch_size=128 &
+  sweep e 1 conditioning=adaln trainer.max_steps="$STEPS_C_ADALN" optimizer.lr=2e-3 &
+  if [[ "${RUN_D:-0}" == 1 ]]; then
+    sweep d 1 conditioning=concat trainer.max_steps="$STEPS_C_B32" optimizer.lr=2e-3 data.batch_size=32 &
+  fi
+  wait
+) &
+PID_B=$!
+
+while kill -0 "$PID_A" 2>/dev/null || kill -0 "$PID_B" 2>/dev/null; do
+  pump_evals; sleep 3
+done
+wait "$PID_A" "$PID_B"
+stage "A. sweeps done; evaluating the rest"
+while (( $(elapsed) < T_EVAL )); do
+  pump_evals
+  (( $(running_evals) == 0 )) && [[ $(ls "$WORK"/sweep_*/*/metrics.json 2>/dev/null | wc -l) -le ${#EVAL_STARTED[@]} ]] && break
+  sleep 2
+done
+for p in "${EVAL_PIDS[@]}"; do wait "$p"; done
+stage "A. summary and dlab-report"
+"$PY" benchmarks/gpu_summary.py "$WORK"/sweep_? --out "$OUT/recipes.md" > /dev/null && cat "$OUT/recipes.md"
+for s in "$WORK"/sweep_?; do  # one report per sweep (each is one grid)
+  timeout 60 "$PY" -m diffusion_lab.report sweep="$s" out="$WORK/report_$(basename "$s")" > "$s.report.log" 2>&1 \
+    || { echo "  report $s failed:"; tail -2 "$s.report.log"; }
+done
+cat "$WORK"/report_sweep_?/report.md > "$OUT/report.md" 2>/dev/null
+package
+stage "A. done"
+fi
+
+# ---------------------------------------------------------------- B. mnist_gpu: bf16-mixed, batch 256, compile
+if [[ "$STAGES" == *B* ]]; then
+stage "B. experiment=mnist_gpu ${GPU_TRAIN[*]}"
+t=$(date +%s)
+timeout -k 20 "$(until_t $(( T_GPU - 40 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
+  'trainer.val_check_interval=${trainer.max_steps}' callbacks.rich_progress_bar=null out="$WORK/mnist_gpu" \
+  > "$WORK/mnist_gpu.log" 2>&1
+rc=$?
+echo "  mnist_gpu train exit $rc in $(( $(date +%s) - t )) s"; grep -E "final metrics|rror" "$WORK/mnist_gpu.log" | tail -3
+if [[ -f "$WORK/mnist_gpu/metrics.json" ]]; then
+  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "[1.5,2.0,3.0]" "$T_GPU"
+  cp "$WORK/mnist_gpu/eval/eval.json" "$OUT/mnist_gpu_eval.json" 2>/dev/null
+fi
+package
+stage "B. done"
+fi
+
+# ---------------------------------------------------------------- C. speed benchmarks
+if [[ "$STAGES" == *C* ]]; then
+bench() {  # bench <name> <script> <args...>: run a benchmark if its script exists
+  local name=$1 script=$2; shift 2
+  if [[ ! -f "$script" ]]; then echo "  (skip $name: no $script)"; return; fi
+  echo "  [$(elapsed) s] $name: $script $*"
+  timeout -k 10 "$(until_t "$BUDGET")" "$PY" "$script" "$@" > "$WORK/bench/$name.log" 2>&1
+  local rc=$?
+  echo "  [$(elapsed) s] $name exit $rc"; tail -15 "$WORK/bench/$name.log"
+}
+stage "C. benchmarks"
+mkdir -p "$WORK/bench"
+# --- slot: training throughput, ours vs diffusers' UNet2DModel / UNet2DConditionModel (bf16, eager)
+bench train_throughput benchmarks/train_throughput.py "${BENCH[@]}" --out "$WORK/bench/train_throughput_$DEVICE.json"
+# --- slot: Trainer.fit vs a plain PyTorch loop, and the DataModule alone (the mnist_gpu batch)
+bench loop_overhead benchmarks/loop_overhead.py "${LOOP[@]}" --out "$WORK/bench/loop_overhead_$DEVICE.json"
+# --- slot: the same two with torch.compile (compiling every model takes the longest)
+if (( BENCH_COMPILE )); then
+  bench train_throughput_compiled benchmarks/train_throughput.py "${BENCH[@]}" --compile --methods concat \
+    --out "$WORK/bench/train_throughput_${DEVICE}_compiled.json"
+  bench loop_overhead_compiled benchmarks/loop_overhead.py "${LOOP[@]}" --compile \
+    --out "$WORK/bench/loop_overhead_${DEVICE}_compiled.json"
+fi
+# --- slot: sampling img/s with CFG (DDPM 1000, DDIM 50, DPM-Solver++ 10/20) on the best sweep job
+CKPT=$("$PY" - "$OUT/recipes.json" "$WORK" <<'EOF2'
+import json, math, sys
+from pathlib import Path
+rows = json.loads(Path(sys.argv[1]).read_text()) if Path(sys.argv[1]).is_file() else []
+rows = [r for r in rows if r.get("fid_over_floor") is not None and math.isfinite(r["fid_over_floor"])]
+best = min(rows, key=lambda r: (not r.get("meets_target"), r["fid_over_floor"]), default=None)
+mnist_gpu = Path(sys.argv[2]) / "mnist_gpu" / "metrics.json"
+print(Path(sys.argv[2]) / best["job"] if best else (mnist_gpu.parent if mnist_gpu.is_file() else ""))
+EOF2
+)
+if [[ -n "$CKPT" ]]; then
+  bench sampling benchmarks/sampling.py --ckpt "$CKPT" "${SAMPLING[@]}" --out "$WORK/bench/sampling_$DEVICE.json"
+else
+  echo "  (skip sampling: no trained checkpoint)"
+fi
+fi
+package
+stage "all done"

@@ -1,0 +1,69 @@
+"""The recipe presets compose as documented: the CPU default, the GPU recipe and the best-quality one.
+Compose checks only (nothing here needs a GPU); `benchmarks/gpu_run.sh` trains them on a lent GPU."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+
+from diffusion_lab.utils.instantiate import build_module
+from tests.conftest import CONF_DIR
+
+
+def test_make_train_default_is_the_cpu_recipe(compose_cfg):
+    default, explicit = compose_cfg(), compose_cfg("experiment=mnist_cpu")
+    assert default == explicit
+    assert default.trainer.accelerator == "cpu" and default.trainer.precision == "32-true"
+    assert default.module.compile is False  # compiling costs minutes on a CPU
+    assert default.trainer.max_steps > 0 and default.trainer.check_val_every_n_epoch is None  # step-based
+    assert "mnist_cpu" in default.tags or "cpu" in default.tags
+
+
+def test_gpu_recipe_is_bf16_compiled_and_larger_batch(compose_cfg):
+    gpu, cpu = compose_cfg("experiment=mnist_gpu"), compose_cfg()
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.module.compile is True
+    assert gpu.data.batch_size > cpu.data.batch_size
+    assert gpu.trainer.max_steps > 0 and gpu.trainer.check_val_every_n_epoch is None
+    assert build_module(gpu).hparams.compile is True
+
+
+def test_best_recipe_is_the_gpu_recipe_trained_longer(compose_cfg):
+    best, gpu = compose_cfg("experiment=mnist_best"), compose_cfg("experiment=mnist_gpu")
+    assert best.trainer.precision == gpu.trainer.precision and best.module.compile == gpu.module.compile
+    assert best.data.batch_size == gpu.data.batch_size and best.model == gpu.model
+    assert best.trainer.max_steps > gpu.trainer.max_steps
+    assert "best" in best.tags
+    header = (CONF_DIR / "experiment" / "mnist_best.yaml").read_text()
+    assert "GPU" in header and "99%" in header  # says where it runs and what it reaches
+
+
+def test_best_recipe_on_a_cpu_composes_as_its_header_says(compose_cfg):
+    cfg = compose_cfg(
+        "experiment=mnist_best", "trainer=cpu", "trainer.precision=32-true", "module.compile=false"
+    )
+    assert cfg.trainer.accelerator == "cpu"
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # one job of each sweep in benchmarks/gpu_run.sh (fp32 on the GPU so quality transfers to the CPU)
+        ["conditioning=concat", "trainer.max_steps=1500", "optimizer.lr=1e-3", "callbacks.ema.decay=0.995"],
+        ["conditioning=concat", "trainer.max_steps=2000", "prediction=epsilon", "condition.drop_prob=0.2"],
+        ["conditioning=concat", "trainer.max_steps=1000", "data.batch_size=128"],
+        ["conditioning=adaln", "trainer.max_steps=2000", "optimizer.lr=2e-3"],
+    ],
+    ids=["a", "b", "c", "e"],
+)
+def test_gpu_run_sweep_jobs_compose(compose_cfg, overrides):
+    common = [
+        "trainer=gpu", "trainer.precision=32-true", "trainer.val_check_interval=${trainer.max_steps}",
+        "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",
+    ]  # fmt: skip
+    cfg = compose_cfg(*common, *overrides)
+    assert cfg.trainer.val_check_interval == cfg.trainer.max_steps
+    assert cfg.trainer.precision == "32-true"
+    build_module(cfg)

@@ -21,8 +21,10 @@ train: $(STAMP)  ## train the default model (experiment=mnist_cpu); pass overrid
 test: $(STAMP)   ## the whole suite (what CI runs)
 	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(ARGS)
 
-bench: $(STAMP)  ## speed and quality benchmarks -> benchmarks/results/*.json
-	$(VENV)/bin/python benchmarks/bench_unet_throughput.py
+bench: $(STAMP)  ## speed benchmarks on this machine -> benchmarks/results/*.json; CKPT=<run> adds sampling
+	$(VENV)/bin/python benchmarks/train_throughput.py
+	$(VENV)/bin/python benchmarks/loop_overhead.py
+	$(if $(CKPT),$(VENV)/bin/python benchmarks/sampling.py --ckpt $(CKPT),@echo "sampling: make bench CKPT=<run folder or .ckpt>")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -27,6 +27,8 @@ BUDGET=${BUDGET:-440}            # seconds for everything; the run call's timeou
 T0=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
+TEE_PID=$!
+trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null || sleep 1' EXIT   # let tee write the last lines
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stage() { echo "=== [$(elapsed) s] $*"; }
 until_t() { local s=$(( $1 - $(elapsed) )); (( s < 5 )) && s=5; echo "$s"; }  # seconds left to deadline $1
@@ -55,7 +57,7 @@ else
   STEPS_A=${STEPS_A:-1500,2500}; STEPS_B=${STEPS_B:-2000}
   STEPS_C_B128=${STEPS_C_B128:-1000}; STEPS_C_B32=${STEPS_C_B32:-4000}; STEPS_C_ADALN=${STEPS_C_ADALN:-2000}
   EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.5,2.0,2.5,3.0]"}; EVAL_EXTRA=(batch_size=2500)
-  GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-1500})
+  GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-800})
   BENCH=(--device cuda --precision bf16 --batch 256 --rounds 3 --steps 10 --warmup 3)
   LOOP=(--device cuda --precision bf16 --steps 30 --rounds 3 experiment=mnist_gpu)
   SAMPLING=(--device cuda --precision bf16 --n 1000 --batch-size 1000)
@@ -174,7 +176,7 @@ fi
 if [[ "$STAGES" == *B* ]]; then
 stage "B. experiment=mnist_gpu ${GPU_TRAIN[*]}"
 t=$(date +%s)
-timeout -k 20 "$(until_t $(( T_GPU - 40 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
+timeout -k 20 "$(until_t $(( T_GPU - 30 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
   'trainer.val_check_interval=${trainer.max_steps}' callbacks.rich_progress_bar=null out="$WORK/mnist_gpu" \
   > "$WORK/mnist_gpu.log" 2>&1
 rc=$?

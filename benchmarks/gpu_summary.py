@@ -36,7 +36,7 @@ def pick(guidance: dict, target_acc: float) -> tuple[str, dict] | None:
 
 def summarise_job(job: Path, target_acc: float, fid_factor: float) -> dict:
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-    row: dict = {"job": f"{job.parent.name}/{job.name}", "overrides": " ".join(map(str, overrides))}
+    row: dict = {"job": f"{job.parent.name}/{job.name}", "overrides": [str(o) for o in overrides]}
     metrics_path = job / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if (job / "error.txt").is_file():
@@ -83,7 +83,7 @@ def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], common: set[str]) -> str:
     lines = [
         "| job | overrides | FID | × floor | accuracy | at guidance | all guidance: FID / acc. | val loss | status |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
@@ -94,7 +94,7 @@ def table(rows: list[dict]) -> str:
         )
         mark = " **✓**" if r.get("meets_target") else ""
         lines.append(
-            f"| {r['job']} | `{r['overrides']}` | {fmt(r.get('fid'), '.2f')}{mark} "
+            f"| {r['job']} | `{' '.join(o for o in r['overrides'] if o not in common)}` | {fmt(r.get('fid'), '.2f')}{mark} "
             f"| {fmt(r.get('fid_over_floor'), '.2f')} | {fmt(r.get('accuracy'), '.3f')} "
             f"| {fmt(r.get('guidance'), 'g')} | {all_g} | {fmt(r.get('val_loss'), '.4f')} | {r['status']} |"
         )
@@ -121,7 +121,10 @@ def main() -> None:
         f"Target: accuracy >= {args.target_accuracy} and FID <= {args.fid_factor:g}x floor at one guidance "
         f"scale (floor {', '.join(f'{f:.2f}' for f in floors) or '?'}); ✓ = met.\n\n"
     )
-    text = head + table(rows)
+    common = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
+    first = rows[0]["overrides"] if rows else []
+    head += f"Every job: `{' '.join(o for o in first if o in common)}`\n\n"
+    text = head + table(rows, common)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
@@ -53,10 +54,11 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     return path
 
 
-def objective(metrics: dict, cfg: DictConfig) -> float | None:
-    """The value a Hydra sweeper optimises: the logged metric named by `optimized_metric`."""
+def objective(metrics: dict, cfg: DictConfig, in_sweep: bool) -> float | None:
+    """The value a Hydra sweeper optimises: the logged metric named by `optimized_metric`. Missing in a
+    sweep, it is an error (the sweeper would rank the job on nothing); a single run just returns None."""
     name = cfg.get("optimized_metric")
-    if not name:
+    if not name or (name not in metrics and not in_sweep):
         return None
     if name not in metrics:
         raise ConfigError(
@@ -106,7 +108,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 def main(cfg: DictConfig) -> float | None:
     print_config_tree(cfg, save_to=record_dir(cfg))
     metrics, _ = train(cfg)
-    return objective(metrics, cfg)
+    return objective(metrics, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 if __name__ == "__main__":

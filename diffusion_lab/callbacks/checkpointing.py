@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from diffusion_lab.errors import Interrupted
 from diffusion_lab.utils.checkpoints import verify_checkpoint
@@ -39,8 +39,11 @@ class VerifiedModelCheckpoint(ModelCheckpoint):
             verify_checkpoint(filepath)
 
 
-class Preemption(L.Callback):
+class Preemption(Checkpoint):
     """On any of `signals`, save `<dirpath>/interrupted.ckpt` after the current step and stop.
+
+    A `Checkpoint` callback, so Lightning runs its hooks after every other callback's: the saved state
+    includes this step's EMA update, and the resumed run continues bit for bit.
 
     Inside a SLURM job, the `requeue_signals` (the warning sent before the time limit: `--signal=USR1@120`
     in sbatch, SIGUSR2 from submitit) also put the job back in the queue; its run folder is named after

@@ -38,7 +38,13 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.data.mnist import ResumableDataLoader, ResumableSampler, _identity_collate, ranks
+from diffusion_lab.data.mnist import (
+    RestoresTrainPosition,
+    ResumableDataLoader,
+    ResumableSampler,
+    _identity_collate,
+    ranks,
+)
 from diffusion_lab.errors import ConfigError, DataError
 from diffusion_lab.utils.images import to_model_range
 
@@ -306,7 +312,7 @@ def find_metadata(folder: str | Path, key: str) -> Path:
     return found[0]
 
 
-class CaptionedImageDataModule(L.LightningDataModule):
+class CaptionedImageDataModule(RestoresTrainPosition, L.LightningDataModule):
     """Captioned images from an imagefolder or webdataset shards; the keys are explained in
     conf/data/captions.yaml. `bad_samples` lists what data.on_bad_sample=skip left out."""
 
@@ -415,9 +421,6 @@ class CaptionedImageDataModule(L.LightningDataModule):
             drop_last=train,
             persistent_workers=workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, train=False)

@@ -144,6 +144,37 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
+class RestoresTrainPosition:
+    """A DataModule mixin that restores its train loader's mid-epoch position itself.
+
+    Lightning hands the stored loader state only to a loader it builds after reading the checkpoint.
+    A loader built earlier (Lightning builds one to compute `estimated_stepping_batches`, which the LR
+    schedule of an epoch-based run asks for) never gets it, and the resumed epoch would start again at
+    its first batch. The DataModule's own state is restored in every case.
+    """
+
+    _train_loader: DataLoader | None = None
+    _train_position: dict | None = None
+
+    def state_dict(self) -> dict:
+        if not isinstance(self._train_loader, ResumableDataLoader):
+            return {}  # e.g. webdataset shards: streamed, they restart the epoch
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position = state.get("train_loader")
+        self._restore_position()
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_loader = self._loader(self.train_set, True)
+        self._restore_position()
+        return self._train_loader
+
+    def _restore_position(self) -> None:
+        if isinstance(self._train_loader, ResumableDataLoader) and self._train_position:
+            self._train_loader.load_state_dict(self._train_position)
+
+
 def ranks(datamodule: L.LightningDataModule) -> tuple[int, int]:
     """(world size, rank) of the datamodule's trainer, checking that `data.batch_size`, the global batch,
     splits evenly over the processes (each gets batch_size / world)."""
@@ -157,7 +188,7 @@ def ranks(datamodule: L.LightningDataModule) -> tuple[int, int]:
     return world, rank
 
 
-class MNISTDataModule(L.LightningDataModule):
+class MNISTDataModule(RestoresTrainPosition, L.LightningDataModule):
     """Train/val from the official train split (seeded split), test from the official test split."""
 
     def __init__(
@@ -212,9 +243,6 @@ class MNISTDataModule(L.LightningDataModule):
             drop_last=shuffle,
             persistent_workers=self.hparams.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -102,7 +102,7 @@ def plain_round(cfg, datamodule, steps: int, warmup: int, batch: int, device: st
     module = build_module(cfg).to(device).train()
     if cfg.module.compile:
         module.net.compile()
-    optimizer = module.optimizer_factory(params=module.parameters())
+    optimizer = module.build_optimizer(PRECISION[precision])  # as configure_optimizers builds it
     scheduler = None
     if module.lr_scheduler_factory is not None:
         kwargs = (

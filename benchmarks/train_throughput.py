@@ -64,7 +64,7 @@ def model_config(name: str):
 class Ours(torch.nn.Module):
     """The condition encoder and the net, called as the LightningModule's training step calls them."""
 
-    def __init__(self, model: str, method: str):
+    def __init__(self, model: str, method: str, channels_last: bool = True):
         super().__init__()
         cfg = OmegaConf.create(
             {
@@ -75,7 +75,7 @@ class Ours(torch.nn.Module):
             }
         )
         self.encoder = instantiate(cfg.condition)
-        self.net = instantiate(cfg.model)
+        self.net = instantiate(cfg.model, channels_last=channels_last)
         self.widths = [int(c) for c in cfg.model.channels]
         self.blocks = int(cfg.model.num_res_blocks)
 
@@ -211,7 +211,9 @@ def sync(cuda: bool) -> None:
 
 def make_step(model, args) -> Callable[[], None]:
     dev, b = args.device, args.batch
-    optimizer = instantiate(config("optimizer", args.optimizer))(params=model.parameters())
+    # Fused as DiffusionModule.build_optimizer fuses it: not under mixed precision (bf16 here).
+    fused = args.fused == "on" or (args.fused == "auto" and args.precision == "fp32")
+    optimizer = instantiate(config("optimizer", args.optimizer))(params=model.parameters(), fused=fused)
     x = torch.randn(b, 1, 28, 28, device=dev)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -244,7 +246,9 @@ def main() -> None:
     ap.add_argument("--model", default="unet_small", help="our preset, conf/model/<name>.yaml")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--optimizer", default="adamw", help="conf/optimizer/<name>.yaml, for every model")
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="auto: as training")
+    ap.add_argument("--channels-last", action="store_true", help="peers too (ours is channels-last already)")
+    ap.add_argument("--layout-ab", action="store_true", help="add ours/<last method> with NCHW maps")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -257,6 +261,9 @@ def main() -> None:
     for method in methods:
         torch.manual_seed(0)
         models[f"ours/{method}"] = Ours(args.model, method)
+    if args.layout_ab:  # the last method again with NCHW maps: what channels-last buys, in the same rounds
+        torch.manual_seed(0)
+        models[f"ours/{methods[-1]}-nchw"] = Ours(args.model, methods[-1], channels_last=False)
     ours0 = models[f"ours/{methods[0]}"]
     widths, blocks = ours0.widths, ours0.blocks
     peers = {"unet2d": UNet2D, "unet2d_condition": UNet2DCondition}
@@ -331,7 +338,8 @@ def main() -> None:
 
     print(
         f"\n{args.device} {torch.cuda.get_device_name() if cuda else cpu_name()}, batch {args.batch}, "
-        f"{args.threads} threads, {args.precision}, compile={args.compile}, channels_last={args.channels_last}, "
+        f"{args.threads} threads, {args.precision}, compile={args.compile}, fused={args.fused}, "
+        f"channels_last={args.channels_last}, "
         f"load {load_before[0]:.1f}->{load_after[0]:.1f}; peak ({peak.dtype} matmul {peak.shape}) "
         f"{peak_flops / 1e9:.0f} GFLOP/s"
     )
@@ -366,6 +374,7 @@ def main() -> None:
         "precision": args.precision,
         "compile": args.compile,
         "channels_last": args.channels_last,
+        "fused_optimizer": args.fused,
         "optimizer": OmegaConf.to_container(config("optimizer", args.optimizer)),
         "model_preset": args.model,
         "rounds": args.rounds,

@@ -160,8 +160,25 @@ class DiffusionModule(L.LightningModule):
         )
 
     # ---------------------------------------------------------------- optimisation
+    def build_optimizer(self, precision: str = "32-true") -> torch.optim.Optimizer:
+        """The configured optimizer over all parameters, with a fused step where that is allowed.
+
+        A fused Adam/AdamW/SGD step is one kernel over every parameter: 3.5x faster than the default
+        per-parameter loop on CPU (benchmarks/README.md, "Speed"). It stays off under mixed precision,
+        where Lightning refuses gradient clipping with an optimizer that unscales gradients itself, and
+        when the config sets `fused` or `foreach` (`optimizer.fused=false` opts out).
+        """
+        factory = self.optimizer_factory
+        fuse = (
+            getattr(factory, "func", None) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+            and not {"fused", "foreach"} & set(getattr(factory, "keywords", {}))
+            and "mixed" not in precision
+            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.parameters())
+        )
+        return factory(params=self.parameters(), **({"fused": True} if fuse else {}))
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.build_optimizer(str(self.trainer.precision))
         if self.lr_scheduler_factory is None:
             return optimizer
         # A fixed `total_steps` in the config wins (so a preempted run keeps its schedule);

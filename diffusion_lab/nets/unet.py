@@ -49,6 +49,7 @@ class ConditionalUNet(nn.Module):
         groups: int = 8,
         dropout: float = 0.0,
         attention_heads: int = 4,
+        channels_last: bool = True,
     ):
         super().__init__()
         channels = [int(c) for c in channels]  # Hydra hands in ListConfig
@@ -100,6 +101,12 @@ class ConditionalUNet(nn.Module):
         self.out_norm = nn.GroupNorm(groups, ch)
         self.out_conv = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))  # a fresh net predicts 0
 
+        # Channels-last (NHWC) feature maps and conv weights: oneDNN and cuDNN convolve NHWC without
+        # reordering each tensor to a blocked layout and back (benchmarks/README.md, "Speed"), and
+        # attention's (B, HW, C) view of a map is then free. `.to(device)` and `load_state_dict` keep it.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) long or float, condition or None -> (B, out_channels, H, W)."""
         if t.ndim == 0:
@@ -107,7 +114,8 @@ class ConditionalUNet(nn.Module):
         if condition is not None and condition.batch_size != x.shape[0]:
             raise ValueError(f"condition has batch size {condition.batch_size}, images have {x.shape[0]}")
         emb = self.conditioning.embed(self.time_embed(t), condition)  # (B, emb_dim)
-        h = self.input_conv(self.conditioning.prepare_input(x, condition))  # (B, ch0, H, W)
+        x = self.conditioning.prepare_input(x, condition).contiguous(memory_format=self.memory_format)
+        h = self.input_conv(x)  # (B, ch0, H, W)
         skips = []
         for level, stages in enumerate(self.down):
             for stage in stages:
@@ -122,4 +130,4 @@ class ConditionalUNet(nn.Module):
             h = torch.cat([upsample(h, skip.shape[-2:]), skip], dim=1)  # e.g. 7 -> 14, 14 -> 28
             for stage in stages:
                 h = stage(h, emb, condition)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(F.silu(self.out_norm(h))).contiguous()  # NCHW out, whatever the layout inside

@@ -213,6 +213,32 @@ def test_a_few_adam_steps_lower_the_eps_loss_on_a_fixed_mnist_batch(method, mnis
     assert all(changed), changed
 
 
+# --------------------------------------------------------------------------- memory layout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_matches_nchw(method):
+    """The net runs its maps channels-last (a speed choice): same outputs and gradients as NCHW,
+    an NCHW output, and the layout survives a state_dict round trip into an NCHW-built net."""
+    torch.manual_seed(0)
+    fast = randomize_zero_params(make_net(method))
+    slow = make_net(method, channels_last=False)
+    slow.load_state_dict(fast.state_dict())
+    assert fast.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert slow.input_conv.weight.is_contiguous()
+    x, t = inputs()
+    c = encode("class")
+    outs = []
+    for net in (fast, slow):
+        out = net(x, t, c)
+        out.square().mean().backward()
+        outs.append(out)
+    assert outs[0].is_contiguous()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 

@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## train the default model (experiment=mnist_cpu); pass overrides with ARGS="..."
 	$(VENV)/bin/dlab-train $(ARGS)
 
-test: $(STAMP)   ## the whole suite (what CI runs)
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest $(ARGS)
+test: $(STAMP)   ## the whole suite (what CI runs) on two pytest-xdist workers; ARGS="-n 0 ..." runs in one process
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 bench: $(STAMP)  ## speed benchmarks on this machine -> benchmarks/results/*.json; CKPT=<run> adds sampling
 	$(VENV)/bin/python benchmarks/train_throughput.py

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,8 +27,13 @@ CONF_DIR = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("DLAB_DATA_DIR", ROOT.parent / "shared" / "data" / "mnist")).resolve()
 CACHE_DIR = Path(os.environ.get("DLAB_CACHE_DIR", ROOT / ".cache" / "pytest")).resolve()
 BIN_DIR = Path(sys.executable).parent  # the venv's console scripts
+# Set in each pytest-xdist worker (`make test` runs the suite on two): "gw0", "gw1", ...
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
-torch.set_num_threads(2)
+# Two intra-op threads, or fewer under pytest-xdist so the workers together use no more threads than the
+# machine has cores (on two cores, `make test`'s two workers run one thread each).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // WORKERS)))
 
 # A random-weight CLIP text model small enough for unit tests (no weights can be downloaded here).
 TINY_CLIP = {
@@ -87,31 +97,96 @@ def user_env(extra: dict | None = None) -> dict:
     }
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (pytest-xdist workers, or two test runs on one machine)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def once_per_session(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that `make(folder)` fills once per test session: with pytest-xdist, the first worker to
+    ask makes it in the session's common temp folder while the others wait on a lock, then all share it.
+    A failure is recorded, so a worker that asks later fails with the same message instead of retrying."""
+    if XDIST_WORKER is None:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # each worker's basetemp is root/popen-gwN
+    folder, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    with file_lock(root / f"{name}.lock"):
+        if failed.exists():
+            pytest.fail(f"{name} failed in another worker:\n{failed.read_text()}", pytrace=False)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                make(folder)
+            except BaseException as error:
+                failed.write_text(str(error)[-5000:])
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A cache dir holding the trained MNIST evaluator: trained once per machine (about a minute)."""
-    try:
-        load_classifier(CACHE_DIR)
-    except EvaluatorMissingError:
-        result = run_cli("dlab-train-evaluator", cwd=tmp_path_factory.mktemp("evaluator"))
-        assert result.returncode == 0, result.stderr[-3000:]
+    """A cache dir holding the trained MNIST evaluator: trained once per machine (about a minute). The lock
+    keeps xdist workers (and concurrent test runs) from training it twice into the same folder."""
+    with file_lock(CACHE_DIR.parent / f".{CACHE_DIR.name}.lock"):
+        try:
+            load_classifier(CACHE_DIR)
+        except EvaluatorMissingError:
+            result = run_cli("dlab-train-evaluator", cwd=tmp_path_factory.mktemp("evaluator"))
+            assert result.returncode == 0, result.stderr[-3000:]
     return CACHE_DIR
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny training run through the CLI with every logger on: (cwd, run folder, process result)."""
-    cwd = tmp_path_factory.mktemp("tiny_run")
-    result = run_cli("dlab-train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (cwd / "outputs" / "debug" / "runs").iterdir()
-    return cwd, run_dir, result
+
+    def make(cwd: Path) -> None:
+        result = run_cli("dlab-train", "debug=tiny", "logger=many", "trainer.max_epochs=2", cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run_dir,) = (cwd / "outputs" / "debug" / "runs").iterdir()
+        record = {"args": result.args, "returncode": result.returncode, "stdout": result.stdout,
+                  "stderr": result.stderr, "run_dir": str(run_dir)}  # fmt: skip
+        (cwd.parent / f"{cwd.name}.json").write_text(json.dumps(record))
+
+    cwd = once_per_session(tmp_path_factory, "tiny_run", make)
+    record = json.loads((cwd.parent / f"{cwd.name}.json").read_text())
+    run_dir = Path(record.pop("run_dir"))
+    return cwd, run_dir, subprocess.CompletedProcess(**record)
 
 
 @pytest.fixture(scope="session")
 def captioned_mnist(tmp_path_factory) -> Path:
     """Captioned MNIST (200 train digits, 64 held out) written by the installed `dlab-make-captions`."""
-    out = tmp_path_factory.mktemp("captions") / "captioned_mnist"
-    result = run_cli("dlab-make-captions", "n=200", "n_val=64", f"out={out}", cwd=out.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+
+    def make(folder: Path) -> None:
+        out = folder / "captioned_mnist"
+        result = run_cli("dlab-make-captions", "n=200", "n_val=64", f"out={out}", cwd=folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "captions", make) / "captioned_mnist"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`, see pyproject.toml) tests go to whichever worker is free, so
+    a module-scoped fixture (a built wheel, a training run) would be made once per worker: the tests that
+    use one are kept together on one worker instead."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        defs = [d for name in info.names_closure for d in info.name2fixturedefs.get(name, ())]
+        if any(d.scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -12,6 +12,7 @@ For a trained checkpoint (`--ckpt`: a .ckpt, a run folder or `last`), with `diff
   needs `--n` >= 256; with fewer images only the speed is measured.
 
     python benchmarks/sampling.py --ckpt last --n 64 --quality off                # CPU: speed only
+    python benchmarks/sampling.py --ckpt last --n 16 --speed ddim_50,dpmpp_10 --threads 1   # a quick check
     python benchmarks/sampling.py --ckpt <run> --device cuda --n 1000 --precision bf16
 """
 
@@ -83,9 +84,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--speed", default=",".join(f"{n}_{s}" for n, s in SPEED), help="sampler_steps points timed"
+    )
     ap.add_argument("--quality", choices=("auto", "on", "off"), default="auto", help="auto: when n >= 256")
     ap.add_argument("--ladder", default=",".join(map(str, LADDER)), help="step counts tried, ascending")
     ap.add_argument("--samplers", default="ddpm,ddim,dpmpp", help="samplers for the fewest-steps search")
+    ap.add_argument("--reference", default="ddpm_1000", help="sampler_steps the others must match")
     ap.add_argument("--runs-dir", default="outputs/train/runs", help="where `last` looks")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -115,7 +120,9 @@ def main() -> None:
     # ----------------------------------------------------------------- speed
     images = {}
     print(f"\n{path}: {args.n} images per point, guidance {args.guidance}, {args.device}, {args.precision}")
-    for name, steps in SPEED:
+    for point in args.speed.split(","):
+        name, steps = point.rsplit("_", 1)
+        steps = int(steps)
         images[name, steps], rate = run(name, steps)
         result["img_per_s"][f"{name}_{steps}"] = rate
         print(f"  {name:6s} {steps:5d} steps  {rate:9.2f} img/s")
@@ -139,10 +146,11 @@ def main() -> None:
             row = evaluator.evaluate(images[name, steps], digits)
             return {k: row[k] for k in ("fid", "accuracy", "fid_real_floor")}
 
-        reference = score("ddpm", 1000)
-        result["reference_ddpm_1000"] = reference
+        ref_name, ref_steps = args.reference.rsplit("_", 1)
+        reference = score(ref_name, int(ref_steps))
+        result["reference"] = {"sampler": args.reference, **reference}
         result["fewest_steps"], result["ladder"] = {}, {}
-        print(f"  reference DDPM 1000: accuracy {reference['accuracy']:.3f}, FID {reference['fid']:.2f} "
+        print(f"  reference {args.reference}: accuracy {reference['accuracy']:.3f}, FID {reference['fid']:.2f} "
               f"(floor {reference['fid_real_floor']:.2f})")  # fmt: skip
         for name in args.samplers.split(","):
             result["ladder"][name] = {}
@@ -158,7 +166,9 @@ def main() -> None:
                 if row["passes"]:
                     result["fewest_steps"][name] = steps
                     break
-        print(f"  fewest steps within 1 point of accuracy and 10% FID of DDPM 1000: {result['fewest_steps']}")
+        print(
+            f"  fewest steps within 1 point of accuracy and 10% FID of {args.reference}: {result['fewest_steps']}"
+        )
     else:
         print("  quality skipped (FID needs --n >= 256; --quality on forces it)")
 

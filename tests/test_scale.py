@@ -1,0 +1,179 @@
+"""Scale-out through the installed CLI: multirun x DDP, runs that resume from their folder after a
+signal (fixed folder, SLURM requeue), Optuna, W&B grouping, and deterministic runs."""
+
+from __future__ import annotations
+
+import csv
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.train import objective
+from tests.conftest import BIN_DIR, run_cli, user_env
+
+# A tiny run long enough to interrupt: one long epoch, no validation before it ends.
+LONG = ["debug=tiny", "trainer.limit_train_batches=2000", "trainer.max_steps=30"]
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def _interrupt(
+    args: list[str], cwd: Path, signum: int, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Start `dlab-train args`, send `signum` once its handlers are in place, and wait for it."""
+    proc = subprocess.Popen([str(BIN_DIR / "dlab-train"), *args], cwd=cwd, env=user_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if "interrupted.ckpt after the current step" in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)  # a step or two
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The weights of the LONG run without any interruption."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli("dlab-train", *LONG, f"out={cwd / 'run'}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _weights(cwd / "run")
+
+
+def _assert_same_weights(run_dir: Path, expected: dict) -> None:
+    weights = _weights(run_dir)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_multirun_of_ddp_jobs_makes_one_sweep_with_one_folder_per_job(tmp_path):
+    result = run_cli("dlab-train", "-m", "trainer=ddp_cpu", "debug=tiny", "seed=1,2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = tmp_path / "outputs" / "debug"
+    assert [p.name for p in outputs.iterdir()] == ["multiruns"]  # no run folder of a stray rank
+    (sweep,) = (outputs / "multiruns").iterdir()  # one sweep, not one per rank
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert [p.relative_to(sweep / job) for p in (sweep / job).rglob("config.yaml")] == [
+            Path(".hydra/config.yaml")
+        ]
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert [p.name for p in (sweep / job).glob("*.log")] == ["train.log"]  # rank 0's log only
+    # Each job's two ranks end with identical weights; the two jobs (seeds 1 and 2) differ.
+    digests = re.findall(r"rank (\d): parameters sha256 (\w+)", result.stdout)
+    assert sorted(r for r, _ in digests) == ["0", "0", "1", "1"]
+    by_hash = {h: sorted(r for r, d in digests if d == h) for _, h in digests}
+    assert list(by_hash.values()) == [["0", "1"], ["0", "1"]]
+
+
+def test_rerunning_a_command_with_a_fixed_run_folder_resumes_where_it_stopped(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    args = [*LONG, f"hydra.run.dir={run_dir}"]
+    stopped = _interrupt(args, tmp_path, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    step = torch.load(run_dir / "checkpoints" / "interrupted.ckpt", weights_only=False)["global_step"]
+    assert 1 <= step < 30
+
+    again = run_cli("dlab-train", *args, cwd=tmp_path)  # the very same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/interrupted.ckpt" in again.stdout
+    _assert_same_weights(run_dir, uninterrupted)
+
+    other = run_cli("dlab-train", *args, "model.channels=[8,16]", cwd=tmp_path)
+    assert other.returncode == 2
+    assert "different config: model.channels" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_a_requeued_slurm_job_finds_its_run_folder_and_resumes(tmp_path, uninterrupted):
+    slurm = {"SLURM_JOB_ID": "4242"}
+    stopped = _interrupt(LONG, tmp_path, signal.SIGUSR1, env=slurm)  # SLURM's warning before the limit
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "debug" / "runs" / "slurm_4242"  # named after the job, not the time
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert "scontrol requeue 4242" in stopped.stdout  # tried (no SLURM on this machine)
+
+    requeued = run_cli("dlab-train", *LONG, cwd=tmp_path, env=slurm)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/interrupted.ckpt" in requeued.stdout
+    assert [p.name for p in run_dir.parent.iterdir()] == ["slurm_4242"]
+    assert list(run_dir.glob(".hydra/rerun_*/config.yaml"))  # the requeue's record, beside the first
+    _assert_same_weights(run_dir, uninterrupted)
+
+
+def test_optuna_search_writes_the_best_value_of_the_optimized_metric(tmp_path):
+    result = run_cli(
+        "dlab-train", "hparams_search=mnist_optuna", "debug=tiny", "hydra.sweeper.n_trials=3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    losses = [yaml.safe_load((sweep / j / "metrics.json").read_text())["val/loss"] for j in "012"]
+    assert best["best_value"] == pytest.approx(min(losses))
+    assert set(best["best_params"]) == {"optimizer.lr", "callbacks.ema.decay", "loss.min_snr_gamma"}
+
+
+def _offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_runs_of_a_multirun_share_its_group_and_a_resume_keeps_the_run_id(tmp_path):
+    args = ["debug=tiny", "logger=wandb", "trainer.limit_train_batches=2"]
+    result = run_cli(
+        "dlab-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *args, "seed=1,2",
+        cwd=tmp_path, env={"WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
+    run_ids = []
+    for job, seed in (("0", 1), ("1", 2)):
+        (offline,) = _offline_runs(sweep / job)
+        run_id = (sweep / job / "wandb_id.txt").read_text().strip()
+        assert offline.name.endswith(run_id)
+        run_ids.append(run_id)
+        records = next(offline.glob("run-*.wandb")).read_bytes()
+        assert sweep.name.encode() in records  # group = the sweep
+        assert f"seed={seed}".encode() in records  # name = the job's overrides
+        assert b'"conditioning":{"_target_"' in records  # the resolved config
+        assert list((offline / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(set(run_ids)) == 2
+
+    resumed = run_cli(
+        "dlab-train", *args, "seed=1", "trainer.max_epochs=2", f"ckpt_path={sweep / '0'}",
+        cwd=tmp_path, env={"WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = _offline_runs(sweep / "0")
+    assert second.name.endswith(run_ids[0])  # the same W&B run continues
+
+
+def test_two_seeded_deterministic_runs_give_identical_loss_curves(tmp_path):
+    curves = []
+    for name in ("a", "b"):
+        args = ["debug=tiny", "trainer.deterministic=true", "seed=7", f"out={tmp_path / name}"]
+        result = run_cli("dlab-train", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / name / "csv" / "version_0" / "metrics.csv") as file:
+            curves.append([row["train/loss"] for row in csv.DictReader(file) if row.get("train/loss")])
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+def test_a_sweep_whose_optimized_metric_was_not_logged_is_an_error():
+    cfg = OmegaConf.create({"optimized_metric": "val/fid"})
+    assert objective({"val/fid": 3.0, "val/loss": 0.1}, cfg, in_sweep=True) == 3.0
+    assert objective({"val/loss": 0.1}, cfg, in_sweep=False) is None  # a single run has no sweeper
+    with pytest.raises(
+        ConfigError, match=r"optimized_metric=val/fid: .* logged \['val/loss'\].*with_metrics"
+    ):
+        objective({"val/loss": 0.1}, cfg, in_sweep=True)

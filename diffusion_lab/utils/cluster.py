@@ -68,25 +68,19 @@ def _job_command(local_rank: int) -> tuple[list[str], str]:
     Lightning's own version repeats `sys.argv`, which inside a multirun is the whole sweep (`-m` and
     every comma list), so each rank would start the sweep again in a folder of its own
     (lightning-hydra-template issue 393). The job's own overrides and folder make the rank join its job.
+    Only training starts DDP ranks, so the entry is always `diffusion_lab.train`.
     """
     from hydra.core.hydra_config import HydraConfig
 
     hydra = HydraConfig.get()
-    import __main__
-
-    spec = getattr(__main__, "__spec__", None)
-    entry = (
-        [sys.executable, "-m", spec.name]
-        if spec is not None
-        else [sys.executable, os.path.abspath(sys.argv[0])]
-    )
+    # The module, not `sys.argv[0]`: in a joblib or submitit worker that is the worker's own entry.
     command = [
-        *entry,
+        sys.executable, "-m", "diffusion_lab.train",
         *hydra.overrides.task,
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         "hydra.output_subdir=null",  # rank 0 alone writes the .hydra record
         f"hydra.job.name={hydra.job.name}_rank{local_rank}",
-    ]
+    ]  # fmt: skip
     return command, hydra.runtime.cwd
 
 

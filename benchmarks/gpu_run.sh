@@ -10,9 +10,18 @@
 # Stages, most valuable first; each is guarded by `timeout` against a deadline measured from the start
 # (BUDGET seconds in all), so a slow stage leaves the earlier results in $OUT:
 #   A. the recipe sweep: `dlab-train -m` in fp32 (so quality transfers to the CPU recipe with the same
-#      steps and batch), several jobs at once on the one GPU (joblib launcher); each finished job is
-#      scored by `dlab-eval` (N = 5,000, several guidance scales, no steps sweep) while the others train;
-#      then benchmarks/gpu_summary.py (the recipe table) and `dlab-report`.
+#      steps and batch), N_JOBS jobs at once on the one GPU (joblib launcher, default 2); each finished
+#      job is scored by `dlab-eval` (N = 5,000, several guidance scales, no steps sweep) while the others
+#      train; then benchmarks/gpu_summary.py (the recipe table) and `dlab-report`. The sweeps run one
+#      after the other, never side by side: on the H200 (2026-11-27) 9 jobs at once plus evals ran at
+#      ~3.8 steps/s per job (kernel-launch bound, 2 CPU threads each), 2 at once at ~15 steps/s each,
+#      so more jobs only made every job miss the deadline. Size the grid so that
+#      (jobs / N_JOBS) x steps / 15 steps/s + ~20 s of startup fits T_SWEEP (half of BUDGET, from the
+#      script's start, after ~20 s of setup): the default grid (STEPS_A=2500 x CFG dropout DROP_A=0.1,0.2,
+#      lr 1e-3, 2 jobs) is ~190 s of the 220 s of BUDGET=440. Longer jobs go in a second call, e.g.
+#      STAGES=A STEPS_A=3000 DROP_A=0.1 BUDGET=500 (sweep b runs only where T_SWEEP leaves it time).
+#      A job stopped by the deadline leaves checkpoints/interrupted.ckpt; running the same command into
+#      the same folder resumes it (issue 9's auto-resume), which is how the 2026-11-27 jobs were finished.
 #   B. one short `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile), then dlab-eval.
 #   C. the speed benchmarks (train throughput vs diffusers, loop overhead, sampling), bf16, with and
 #      without compile, where the scripts exist.
@@ -39,7 +48,7 @@ package() {  # everything small in one archive (no checkpoints), re-made after e
 
 # ---------------------------------------------------------------- settings (SMOKE=1: tiny, on CPU)
 if [[ "$SMOKE" == 1 ]]; then
-  DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2; RUN_D=${RUN_D:-1}
+  DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2; RUN_D=${RUN_D:-1}; RUN_CE=${RUN_CE:-1}
   SWEEP_SCALE=(trainer.accelerator=cpu model=unet_tiny data.batch_size=16 trainer.limit_val_batches=1
                callbacks.sample_grid.per_class=1 callbacks.sample_grid.num_steps=2)
   STEPS_A=3,4; STEPS_B=3; STEPS_C_B128=2; STEPS_C_B32=4; STEPS_C_ADALN=3
@@ -52,11 +61,11 @@ if [[ "$SMOKE" == 1 ]]; then
   SAMPLING=(--device cpu --n 8 --batch-size 8 --quality off)
   BENCH_COMPILE=${SMOKE_COMPILE:-0}
 else
-  DEVICE=cuda; SITE=/tmp/site; N_JOBS=4
+  DEVICE=cuda; SITE=/tmp/site; N_JOBS=${N_JOBS:-2}
   SWEEP_SCALE=()
-  STEPS_A=${STEPS_A:-1500,2500}; STEPS_B=${STEPS_B:-2000}
+  STEPS_A=${STEPS_A:-2500}; STEPS_B=${STEPS_B:-3000}
   STEPS_C_B128=${STEPS_C_B128:-1000}; STEPS_C_B32=${STEPS_C_B32:-4000}; STEPS_C_ADALN=${STEPS_C_ADALN:-2000}
-  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.5,2.0,2.5,3.0]"}; EVAL_EXTRA=(batch_size=2500)
+  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.0,1.25,1.5,2.0]"}; EVAL_EXTRA=(batch_size=2500)
   GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-800})
   BENCH=(--device cuda --precision bf16 --batch 256 --rounds 3 --steps 10 --warmup 3)
   LOOP=(--device cuda --precision bf16 --steps 30 --rounds 3 experiment=mnist_gpu)
@@ -65,6 +74,7 @@ else
 fi
 # Deadlines (seconds from the start): sweep training, sweep evals, mnist_gpu, benchmarks = BUDGET.
 T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 64 / 100 )); T_GPU=$(( BUDGET * 84 / 100 ))
+STEPS_B_S=$(( ${STEPS_B%%,*} / 15 + 20 ))   # seconds sweep b needs at ~15 steps/s (one job)
 
 # ---------------------------------------------------------------- setup
 stage "setup (SMOKE=$SMOKE, STAGES=$STAGES, budget ${BUDGET} s)"
@@ -107,7 +117,7 @@ sweep() {  # sweep <name> <n_jobs> <overrides...>: one `dlab-train -m` into $WOR
 }
 EVAL_PIDS=()
 declare -A EVAL_STARTED=()
-EVAL_PAR=${EVAL_PAR:-3}
+EVAL_PAR=${EVAL_PAR:-1}          # evals beside training jobs slow them too (one at a time: ~10-25 s each)
 evaluate() {  # evaluate <run folder> <out folder> <guidance> <deadline>: dlab-eval, one line of result
   timeout -k 10 "$(until_t "$4")" "$PY" -m diffusion_lab.evaluate ckpt_path="$1" out="$2" n="$EVAL_N" \
     guidance="$3" 'steps_sweep.samplers=[]' device="$DEVICE" "${EVAL_EXTRA[@]}" > "$1/eval.log" 2>&1
@@ -132,28 +142,31 @@ pump_evals() {  # start dlab-eval on each finished, not yet evaluated job (at mo
 # ---------------------------------------------------------------- A. recipe sweep + streaming eval
 if [[ "$STAGES" == *A* ]]; then
 stage "A. recipe sweep (fp32, ${N_JOBS} jobs at once), dlab-eval N=$EVAL_N guidance=$GUIDANCE per job"
-# A: the core grid (8 jobs): budget (steps) x lr x EMA decay, batch 64 as on the CPU.
-sweep a "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_A" optimizer.lr=1e-3,2e-3 callbacks.ema.decay=0.995,0.999 &
-PID_A=$!
-# Beside A: B, prediction x CFG dropout (4 jobs at once); then, side by side, C, batch 128 at half the
-# steps (the same images), and E, adaLN (the old default) at B's steps as the reference; D (batch 32 at
-# twice the steps, dearer per image on a CPU) only with RUN_D=1.
+# A: the core grid: steps x CFG dropout (0.2: a stronger unconditional branch, so guidance works at
+# lower scales), lr 1e-3, batch 64 and EMA 0.999 as in the CPU recipe (mnist_cpu). Then, only while
+# T_SWEEP leaves time and one sweep at a time (at most N_JOBS jobs on the GPU): B, longer training;
+# C, batch 128 at half the steps (the same images) and E, adaLN (the previous default) as the reference
+# (RUN_CE=1); D (batch 32 at twice the steps, dearer per image on a CPU) only with RUN_D=1.
 (
-  sweep b "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_B" optimizer.lr=2e-3 \
-    prediction=epsilon,v_prediction condition.drop_prob=0.1,0.2
-  sweep c 1 conditioning=concat trainer.max_steps="$STEPS_C_B128" optimizer.lr=2e-3 data.batch_size=128 &
-  sweep e 1 conditioning=adaln trainer.max_steps="$STEPS_C_ADALN" optimizer.lr=2e-3 &
-  if [[ "${RUN_D:-0}" == 1 ]]; then
-    sweep d 1 conditioning=concat trainer.max_steps="$STEPS_C_B32" optimizer.lr=2e-3 data.batch_size=32 &
+  sweep a "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_A" optimizer.lr="${LR_A:-1e-3}" \
+    callbacks.ema.decay=0.999 condition.drop_prob="${DROP_A:-0.1,0.2}"
+  (( $(elapsed) < T_SWEEP - STEPS_B_S )) && sweep b 1 conditioning=concat trainer.max_steps="$STEPS_B" \
+    optimizer.lr=1e-3 callbacks.ema.decay=0.999
+  if [[ "${RUN_CE:-0}" == 1 ]] && (( $(elapsed) < T_SWEEP - 60 )); then  # these stop at the deadline if late
+    sweep c 1 conditioning=concat trainer.max_steps="$STEPS_C_B128" optimizer.lr=2e-3 data.batch_size=128 &
+    sweep e 1 conditioning=adaln trainer.max_steps="$STEPS_C_ADALN" optimizer.lr=2e-3 &
+    wait
   fi
-  wait
+  if [[ "${RUN_D:-0}" == 1 ]] && (( $(elapsed) < T_SWEEP - 60 )); then
+    sweep d 1 conditioning=concat trainer.max_steps="$STEPS_C_B32" optimizer.lr=2e-3 data.batch_size=32
+  fi
 ) &
-PID_B=$!
+PID_A=$!
 
-while kill -0 "$PID_A" 2>/dev/null || kill -0 "$PID_B" 2>/dev/null; do
+while kill -0 "$PID_A" 2>/dev/null; do
   pump_evals; sleep 3
 done
-wait "$PID_A" "$PID_B"
+wait "$PID_A"
 stage "A. sweeps done; evaluating the rest"
 while (( $(elapsed) < T_EVAL )); do
   pump_evals
@@ -182,7 +195,7 @@ timeout -k 20 "$(until_t $(( T_GPU - 30 )))" "${TRAIN[@]}" experiment=mnist_gpu 
 rc=$?
 echo "  mnist_gpu train exit $rc in $(( $(date +%s) - t )) s"; grep -E "final metrics|rror" "$WORK/mnist_gpu.log" | tail -3
 if [[ -f "$WORK/mnist_gpu/metrics.json" ]]; then
-  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "[1.5,2.0,3.0]" "$T_GPU"
+  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "[1.0,1.25,1.5,2.0]" "$T_GPU"
   cp "$WORK/mnist_gpu/eval/eval.json" "$OUT/mnist_gpu_eval.json" 2>/dev/null
 fi
 package

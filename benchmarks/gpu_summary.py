@@ -3,8 +3,10 @@
     python benchmarks/gpu_summary.py <sweep folder> [<sweep folder> ...] --out recipes.md
 
 Each job folder `<sweep>/<N>/` holds Hydra's `.hydra/overrides.yaml`, `metrics.json` (written by
-`dlab-train`) and, once `dlab-eval ckpt_path=<job> out=<job>/eval` has run, `eval/eval.json`. For each
-job this picks the guidance scale that meets the accuracy target with the lowest FID (else the most
+`dlab-train`) and, once `dlab-eval ckpt_path=<job> out=<job>/eval` has run, `eval/eval.json`; further
+evals of the same job (`out=<job>/eval_<anything>`, e.g. more guidance scales) are merged in. A job
+stopped by a signal (its `error.txt` names `interrupted.ckpt`) is listed as interrupted, not failed:
+running the same command into the same folder resumes it. For each job this picks the guidance scale that meets the accuracy target with the lowest FID (else the most
 accurate one), prints one Markdown row, writes the table (`--out`) and a JSON twin, and adds the chosen
 figures to the job's `metrics.json` as `eval/*` keys, so `dlab-report sweep=<sweep>` tables and plots
 them beside the training metrics.
@@ -40,17 +42,28 @@ def summarise_job(job: Path, target_acc: float, fid_factor: float) -> dict:
     metrics_path = job / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if (job / "error.txt").is_file():
-        row["status"] = "failed: " + (job / "error.txt").read_text().strip().splitlines()[0][:80]
+        message = ((job / "error.txt").read_text().strip().splitlines() or [""])[0]
+        if "interrupted.ckpt" in message:  # a signal (a deadline, preemption): resumable, not broken
+            step = message.split(" at step ")[1].split(";")[0] if " at step " in message else "?"
+            row["status"] = f"interrupted at step {step} (rerun into the same folder to resume)"
+        else:
+            row["status"] = "failed: " + message[:160]
     elif metrics is None:
         row["status"] = "no metrics.json (unfinished)"
     else:
         row["status"] = "trained"
         row["val_loss"] = metrics.get("val/loss")
-    eval_path = job / "eval" / "eval.json"
-    if not eval_path.is_file():
+    eval_paths = sorted(job.glob("eval*/eval.json"))
+    if not eval_paths:
         row["status"] += ", not evaluated"
         return row
-    ev = json.loads(eval_path.read_text())
+    ev = {"guidance": {}, "seconds": 0.0}
+    for path in eval_paths:  # one model, several dlab-eval runs (same N and floor): one guidance table
+        part = json.loads(path.read_text())
+        ev |= {k: v for k, v in part.items() if k not in ("guidance", "seconds")}
+        ev["seconds"] += part.get("seconds") or 0.0
+        ev["guidance"] |= part.get("guidance", {})
+    ev["guidance"] = dict(sorted(ev["guidance"].items(), key=lambda gr: float(gr[0])))
     floor = ev.get("fid_real_floor")
     row |= {"n": ev.get("n"), "floor": floor, "eval_s": ev.get("seconds")}
     row["by_guidance"] = {g: {"fid": r["fid"], "accuracy": r["accuracy"]} for g, r in ev["guidance"].items()}

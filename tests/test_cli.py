@@ -56,7 +56,7 @@ def test_wandb_offline_run_holds_sample_grids_and_config(tiny_run):
     assert len(images) == 2  # one per epoch
     # The offline record file (protobuf records holding JSON values): the resolved config and the loss.
     records = next(offline.glob("run-*.wandb")).read_bytes()
-    assert b'"conditioning":{"_target_":"diffusion_lab.nets.conditioning.AdaLNConditioning"' in records
+    assert b'"conditioning":{"_target_":"diffusion_lab.nets.conditioning.ConcatConditioning"' in records
     assert b"train/loss" in records
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +86,18 @@ def run_cli(
         [str(BIN_DIR / command), *args],
         cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def start_training(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`dlab-train args` as a user starts it, returned once its signal handlers are in place (it logs
+    that line), so a test can interrupt it mid-training."""
+    proc = subprocess.Popen([str(BIN_DIR / "dlab-train"), *args], cwd=cwd, env=user_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if "interrupted.ckpt after the current step" in line or time.monotonic() > deadline:
+            break
+    return proc
 
 
 def user_env(extra: dict | None = None) -> dict:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.train import objective
-from tests.conftest import BIN_DIR, run_cli, user_env
+from tests.conftest import run_cli, start_training
 
 # A tiny run long enough to interrupt: one long epoch, no validation before it ends.
 LONG = ["debug=tiny", "trainer.limit_train_batches=2000", "trainer.max_steps=30"]
@@ -30,13 +30,8 @@ def _weights(run_dir: Path) -> dict:
 def _interrupt(
     args: list[str], cwd: Path, signum: int, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Start `dlab-train args`, send `signum` once its handlers are in place, and wait for it."""
-    proc = subprocess.Popen([str(BIN_DIR / "dlab-train"), *args], cwd=cwd, env=user_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        if "interrupted.ckpt after the current step" in line or time.monotonic() > deadline:
-            break
+    """Start `dlab-train args`, send `signum` a step or two into training, and wait for it."""
+    proc = start_training(*args, cwd=cwd, env=env)
     time.sleep(0.5)  # a step or two
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)

@@ -17,7 +17,7 @@ import tomllib
 import torch
 
 from diffusion_lab.utils.checkpoints import find_checkpoint
-from tests.conftest import BIN_DIR, ROOT, run_cli, user_env
+from tests.conftest import BIN_DIR, ROOT, run_cli, start_training, user_env
 
 SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 HELP_KEYS = {  # what each command's --help must name, besides Hydra's listing of the whole config
@@ -174,14 +174,9 @@ def test_failed_resume_names_the_keys_and_keeps_the_record(tiny_run, tmp_path):
 
 
 def _start_training(tmp_path: Path) -> tuple[subprocess.Popen, list[str]]:
-    """A long tiny run, returned once its signal handlers are in place (it logs that line)."""
+    """A long tiny run, a few steps in."""
     args = ["debug=tiny", "trainer.limit_train_batches=2000", "trainer.log_every_n_steps=1"]
-    proc = subprocess.Popen([str(BIN_DIR / "dlab-train"), *args], cwd=tmp_path, env=user_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        if "interrupted.ckpt after the current step" in line or time.monotonic() > deadline:
-            break
+    proc = start_training(*args, cwd=tmp_path)
     time.sleep(2)  # a few training steps
     return proc, args
 

@@ -9,22 +9,18 @@
 #   .gpu/cache/       the trained evaluator (dlab-train-evaluator with DLAB_CACHE_DIR=.gpu/cache)
 # Stages, most valuable first; each is guarded by `timeout` against a deadline measured from the start
 # (BUDGET seconds in all), so a slow stage leaves the earlier results in $OUT:
-#   A. the recipe sweep: `dlab-train -m` in fp32 (so quality transfers to the CPU recipe with the same
-#      steps and batch), N_JOBS jobs at once on the one GPU (joblib launcher, default 2); each finished
-#      job is scored by `dlab-eval` (N = 5,000, several guidance scales, no steps sweep) while the others
-#      train; then benchmarks/gpu_summary.py (the recipe table) and `dlab-report`. The sweeps run one
-#      after the other, never side by side: on the H200 (2026-11-27) 9 jobs at once plus evals ran at
-#      ~3.8 steps/s per job (kernel-launch bound, 2 CPU threads each), 2 at once at ~15 steps/s each,
-#      so more jobs only made every job miss the deadline. Size the grid so that
-#      (jobs / N_JOBS) x steps / 15 steps/s + ~20 s of startup fits T_SWEEP (half of BUDGET, from the
-#      script's start, after ~20 s of setup): the default grid (STEPS_A=2500 x CFG dropout DROP_A=0.1,0.2,
-#      lr 1e-3, 2 jobs) is ~190 s of the 220 s of BUDGET=440. Longer jobs go in a second call, e.g.
-#      STAGES=A STEPS_A=3000 DROP_A=0.1 BUDGET=500 (sweep b runs only where T_SWEEP leaves it time).
-#      A job stopped by the deadline leaves checkpoints/interrupted.ckpt; running the same command into
-#      the same folder resumes it (issue 9's auto-resume), which is how the 2026-11-27 jobs were finished.
-#   B. one short `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile), then dlab-eval.
-#   C. the speed benchmarks (train throughput vs diffusers, loop overhead, sampling), bf16, with and
-#      without compile, where the scripts exist.
+#   A. the recipe sweep: `dlab-train -m` of the CPU recipe in fp32 (so quality transfers to the CPU run
+#      with the same steps and batch) over GRID_A, N_JOBS jobs at once on the one GPU (joblib launcher).
+#      On the H200 (2026-11-27) 2 jobs at once ran ~15 steps/s each and 9 at once ~3.8 (kernel-launch
+#      bound), so size it as (jobs / N_JOBS) x (STEPS_A / 15 + 20) s + ~25 s of setup <= T_SWEEP (half
+#      of BUDGET): the default, 4 jobs of 1,500 steps 2 at a time, is ~265 s of BUDGET=560. Then every
+#      finished job is scored by `dlab-eval` (N = 5,000 at each GUIDANCE, EVAL_PAR at once) while B
+#      trains, and benchmarks/gpu_summary.py and `dlab-report` tabulate the sweep. A job stopped by the
+#      deadline leaves checkpoints/interrupted.ckpt: the same command into the same folder resumes it.
+#   B. one `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile; GPU_STEPS steps),
+#      then dlab-eval at GUIDANCE_B: the candidate for experiment=mnist_best.
+#   C. the speed benchmarks, bf16: loop overhead, then (time allowing) training throughput compiled,
+#      sampling.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 SMOKE=${SMOKE:-0}
@@ -32,7 +28,7 @@ STAGES=${STAGES:-ABC}          # which stages to run (e.g. STAGES=BC)
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_out}
 WORK=${WORK:-/tmp/gpu_work}
-BUDGET=${BUDGET:-440}            # seconds for everything; the run call's timeout_s should leave a margin
+BUDGET=${BUDGET:-560}            # seconds for everything; the run call's timeout_s should leave a margin
 T0=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -48,11 +44,11 @@ package() {  # everything small in one archive (no checkpoints), re-made after e
 
 # ---------------------------------------------------------------- settings (SMOKE=1: tiny, on CPU)
 if [[ "$SMOKE" == 1 ]]; then
-  DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2; RUN_D=${RUN_D:-1}; RUN_CE=${RUN_CE:-1}
+  DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2
   SWEEP_SCALE=(trainer.accelerator=cpu model=unet_tiny data.batch_size=16 trainer.limit_val_batches=1
                callbacks.sample_grid.per_class=1 callbacks.sample_grid.num_steps=2)
-  STEPS_A=3,4; STEPS_B=3; STEPS_C_B128=2; STEPS_C_B32=4; STEPS_C_ADALN=3
-  EVAL_N=256; GUIDANCE="[2.0,3.0]"; EVAL_EXTRA=(steps=2)
+  STEPS_A=3; GRID_A=(callbacks.ema.decay=0.99,0.995 condition.drop_prob=0.1)
+  EVAL_N=256; GUIDANCE="[2.0,3.0]"; GUIDANCE_B="[2.0]"; EVAL_EXTRA=(steps=2)
   GPU_TRAIN=(trainer.accelerator=cpu trainer.precision=32-true module.compile=false model=unet_tiny
              trainer.max_steps=3 data.batch_size=16 trainer.limit_val_batches=1 callbacks.sample_grid.per_class=1
              callbacks.sample_grid.num_steps=2)
@@ -63,18 +59,18 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   DEVICE=cuda; SITE=/tmp/site; N_JOBS=${N_JOBS:-2}
   SWEEP_SCALE=()
-  STEPS_A=${STEPS_A:-2500}; STEPS_B=${STEPS_B:-3000}
-  STEPS_C_B128=${STEPS_C_B128:-1000}; STEPS_C_B32=${STEPS_C_B32:-4000}; STEPS_C_ADALN=${STEPS_C_ADALN:-2000}
-  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.0,1.25,1.5,2.0]"}; EVAL_EXTRA=(batch_size=2500)
-  GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-800})
+  STEPS_A=${STEPS_A:-1500}
+  read -r -a GRID_A <<< "${GRID_A:-callbacks.ema.decay=0.99,0.995 condition.drop_prob=0.1,0.2}"
+  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.25,1.375,1.5,1.75]"}; GUIDANCE_B=${GUIDANCE_B:-"[1.25,1.5,2.0,2.5]"}
+  EVAL_EXTRA=(batch_size=2500)
+  GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-2500})
   BENCH=(--device cuda --precision bf16 --batch 256 --rounds 3 --steps 10 --warmup 3)
   LOOP=(--device cuda --precision bf16 --steps 30 --rounds 3 experiment=mnist_gpu)
   SAMPLING=(--device cuda --precision bf16 --n 1000 --batch-size 1000)
   BENCH_COMPILE=1
 fi
-# Deadlines (seconds from the start): sweep training, sweep evals, mnist_gpu, benchmarks = BUDGET.
-T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 64 / 100 )); T_GPU=$(( BUDGET * 84 / 100 ))
-STEPS_B_S=$(( ${STEPS_B%%,*} / 15 + 20 ))   # seconds sweep b needs at ~15 steps/s (one job)
+# Deadlines (seconds from the start): sweep training; sweep evals and B; the benchmarks end at BUDGET.
+T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 85 / 100 )); T_GPU=$T_EVAL
 
 # ---------------------------------------------------------------- setup
 stage "setup (SMOKE=$SMOKE, STAGES=$STAGES, budget ${BUDGET} s)"
@@ -117,7 +113,7 @@ sweep() {  # sweep <name> <n_jobs> <overrides...>: one `dlab-train -m` into $WOR
 }
 EVAL_PIDS=()
 declare -A EVAL_STARTED=()
-EVAL_PAR=${EVAL_PAR:-1}          # evals beside training jobs slow them too (one at a time: ~10-25 s each)
+EVAL_PAR=${EVAL_PAR:-2}          # dlab-evals at once (~10-25 s each on the H200)
 evaluate() {  # evaluate <run folder> <out folder> <guidance> <deadline>: dlab-eval, one line of result
   timeout -k 10 "$(until_t "$4")" "$PY" -m diffusion_lab.evaluate ckpt_path="$1" out="$2" n="$EVAL_N" \
     guidance="$3" 'steps_sweep.samplers=[]' device="$DEVICE" "${EVAL_EXTRA[@]}" > "$1/eval.log" 2>&1
@@ -139,68 +135,50 @@ pump_evals() {  # start dlab-eval on each finished, not yet evaluated job (at mo
   done
 }
 
-# ---------------------------------------------------------------- A. recipe sweep + streaming eval
+# ---------------------------------------------------------------- A. recipe sweep, then B while A's jobs are scored
 if [[ "$STAGES" == *A* ]]; then
-stage "A. recipe sweep (fp32, ${N_JOBS} jobs at once), dlab-eval N=$EVAL_N guidance=$GUIDANCE per job"
-# A: the core grid: steps x CFG dropout (0.2: a stronger unconditional branch, so guidance works at
-# lower scales), lr 1e-3, batch 64 and EMA 0.999 as in the CPU recipe (mnist_cpu). Then, only while
-# T_SWEEP leaves time and one sweep at a time (at most N_JOBS jobs on the GPU): B, longer training;
-# C, batch 128 at half the steps (the same images) and E, adaLN (the previous default) as the reference
-# (RUN_CE=1); D (batch 32 at twice the steps, dearer per image on a CPU) only with RUN_D=1.
+stage "A. recipe sweep (fp32, ${N_JOBS} jobs at once): ${GRID_A[*]}"
+# The CPU recipe (mnist_cpu: concat, batch 64, lr 1e-3) at STEPS_A steps over GRID_A; fp32 so that the
+# quality transfers to the CPU run with the same steps and batch.
+sweep a "$N_JOBS" trainer.max_steps="$STEPS_A" "${GRID_A[@]}"
+stage "A. sweep done; scoring its jobs (dlab-eval N=$EVAL_N guidance=$GUIDANCE, $EVAL_PAR at a time) beside B"
 (
-  sweep a "$N_JOBS" conditioning=concat trainer.max_steps="$STEPS_A" optimizer.lr="${LR_A:-1e-3}" \
-    callbacks.ema.decay=0.999 condition.drop_prob="${DROP_A:-0.1,0.2}"
-  (( $(elapsed) < T_SWEEP - STEPS_B_S )) && sweep b 1 conditioning=concat trainer.max_steps="$STEPS_B" \
-    optimizer.lr=1e-3 callbacks.ema.decay=0.999
-  if [[ "${RUN_CE:-0}" == 1 ]] && (( $(elapsed) < T_SWEEP - 60 )); then  # these stop at the deadline if late
-    sweep c 1 conditioning=concat trainer.max_steps="$STEPS_C_B128" optimizer.lr=2e-3 data.batch_size=128 &
-    sweep e 1 conditioning=adaln trainer.max_steps="$STEPS_C_ADALN" optimizer.lr=2e-3 &
-    wait
-  fi
-  if [[ "${RUN_D:-0}" == 1 ]] && (( $(elapsed) < T_SWEEP - 60 )); then
-    sweep d 1 conditioning=concat trainer.max_steps="$STEPS_C_B32" optimizer.lr=2e-3 data.batch_size=32
-  fi
+  while (( $(elapsed) < T_EVAL )); do
+    pump_evals
+    (( $(running_evals) == 0 )) && (( $(ls "$WORK"/sweep_a/*/metrics.json 2>/dev/null | wc -l) <= ${#EVAL_STARTED[@]} )) && break
+    sleep 2
+  done
+  for p in "${EVAL_PIDS[@]}"; do wait "$p"; done
 ) &
-PID_A=$!
-
-while kill -0 "$PID_A" 2>/dev/null; do
-  pump_evals; sleep 3
-done
-wait "$PID_A"
-stage "A. sweeps done; evaluating the rest"
-while (( $(elapsed) < T_EVAL )); do
-  pump_evals
-  (( $(running_evals) == 0 )) && [[ $(ls "$WORK"/sweep_*/*/metrics.json 2>/dev/null | wc -l) -le ${#EVAL_STARTED[@]} ]] && break
-  sleep 2
-done
-for p in "${EVAL_PIDS[@]}"; do wait "$p"; done
-stage "A. summary and dlab-report"
-"$PY" benchmarks/gpu_summary.py "$WORK"/sweep_? --out "$OUT/recipes.md" > /dev/null && cat "$OUT/recipes.md"
-for s in "$WORK"/sweep_?; do  # one report per sweep (each is one grid)
-  timeout 60 "$PY" -m diffusion_lab.report sweep="$s" out="$WORK/report_$(basename "$s")" > "$s.report.log" 2>&1 \
-    || { echo "  report $s failed:"; tail -2 "$s.report.log"; }
-done
-cat "$WORK"/report_sweep_?/report.md > "$OUT/report.md" 2>/dev/null
-package
-stage "A. done"
+PID_EVAL_A=$!
 fi
 
 # ---------------------------------------------------------------- B. mnist_gpu: bf16-mixed, batch 256, compile
 if [[ "$STAGES" == *B* ]]; then
 stage "B. experiment=mnist_gpu ${GPU_TRAIN[*]}"
+# A SIGTERM is honoured after the current step; in the final validation (compiled sampling) that can
+# take tens of seconds, so the kill comes 60 s after it (20 s lost the 2026-11-27 run's checkpoint).
 t=$(date +%s)
-timeout -k 20 "$(until_t $(( T_GPU - 30 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
+timeout -k 60 "$(until_t $(( T_GPU - 90 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
   'trainer.val_check_interval=${trainer.max_steps}' callbacks.rich_progress_bar=null out="$WORK/mnist_gpu" \
   > "$WORK/mnist_gpu.log" 2>&1
 rc=$?
 echo "  mnist_gpu train exit $rc in $(( $(date +%s) - t )) s"; grep -E "final metrics|rror" "$WORK/mnist_gpu.log" | tail -3
 if [[ -f "$WORK/mnist_gpu/metrics.json" ]]; then
-  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "[1.0,1.25,1.5,2.0]" "$T_GPU"
+  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "$GUIDANCE_B" "$T_GPU"
   cp "$WORK/mnist_gpu/eval/eval.json" "$OUT/mnist_gpu_eval.json" 2>/dev/null
 fi
-package
 stage "B. done"
 fi
+
+if [[ -n "${PID_EVAL_A:-}" ]]; then
+  wait "$PID_EVAL_A"
+  stage "A. summary and dlab-report"
+  "$PY" benchmarks/gpu_summary.py "$WORK"/sweep_a --out "$OUT/recipes.md" > /dev/null && cat "$OUT/recipes.md"
+  timeout 60 "$PY" -m diffusion_lab.report sweep="$WORK/sweep_a" out="$WORK/report_sweep_a" > "$WORK/report.log" 2>&1 \
+    && cp "$WORK/report_sweep_a/report.md" "$OUT/report.md" || { echo "  report failed:"; tail -2 "$WORK/report.log"; }
+fi
+package
 
 # ---------------------------------------------------------------- C. speed benchmarks
 if [[ "$STAGES" == *C* ]]; then
@@ -214,17 +192,8 @@ bench() {  # bench <name> <script> <args...>: run a benchmark if its script exis
 }
 stage "C. benchmarks"
 mkdir -p "$WORK/bench"
-# --- slot: training throughput, ours vs diffusers' UNet2DModel / UNet2DConditionModel (bf16, eager)
-bench train_throughput benchmarks/train_throughput.py "${BENCH[@]}" --out "$WORK/bench/train_throughput_$DEVICE.json"
 # --- slot: Trainer.fit vs a plain PyTorch loop, and the DataModule alone (the mnist_gpu batch)
 bench loop_overhead benchmarks/loop_overhead.py "${LOOP[@]}" --out "$WORK/bench/loop_overhead_$DEVICE.json"
-# --- slot: the same two with torch.compile (compiling every model takes the longest)
-if (( BENCH_COMPILE )); then
-  bench train_throughput_compiled benchmarks/train_throughput.py "${BENCH[@]}" --compile --methods concat \
-    --out "$WORK/bench/train_throughput_${DEVICE}_compiled.json"
-  bench loop_overhead_compiled benchmarks/loop_overhead.py "${LOOP[@]}" --compile \
-    --out "$WORK/bench/loop_overhead_${DEVICE}_compiled.json"
-fi
 # --- slot: sampling img/s with CFG (DDPM 1000, DDIM 50, DPM-Solver++ 10/20) on the best sweep job
 CKPT=$("$PY" - "$OUT/recipes.json" "$WORK" <<'EOF2'
 import json, math, sys
@@ -240,6 +209,16 @@ if [[ -n "$CKPT" ]]; then
   bench sampling benchmarks/sampling.py --ckpt "$CKPT" "${SAMPLING[@]}" --out "$WORK/bench/sampling_$DEVICE.json"
 else
   echo "  (skip sampling: no trained checkpoint)"
+fi
+# --- slot: training throughput with torch.compile, then eager (ours vs diffusers), then the loop compiled
+if (( BENCH_COMPILE )); then
+  bench train_throughput_compiled benchmarks/train_throughput.py "${BENCH[@]}" --compile --methods concat \
+    --out "$WORK/bench/train_throughput_${DEVICE}_compiled.json"
+fi
+bench train_throughput benchmarks/train_throughput.py "${BENCH[@]}" --out "$WORK/bench/train_throughput_$DEVICE.json"
+if (( BENCH_COMPILE )); then
+  bench loop_overhead_compiled benchmarks/loop_overhead.py "${LOOP[@]}" --compile \
+    --out "$WORK/bench/loop_overhead_${DEVICE}_compiled.json"
 fi
 fi
 package

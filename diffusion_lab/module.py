@@ -93,10 +93,9 @@ class DiffusionModule(L.LightningModule):
         # skips those steps), so the check is left to the scaler there.
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
+        # One multi-tensor kernel for every gradient's norm (as clip_grad_norm_ does), not one per parameter.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        )
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
         if not torch.isfinite(torch.stack([self._step_loss.float(), grad_norm])).all():
             lr = optimizer.param_groups[0]["lr"]
             raise DivergedError(

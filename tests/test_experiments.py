@@ -3,7 +3,6 @@ Compose checks only (nothing here needs a GPU); `benchmarks/gpu_run.sh` trains t
 
 from __future__ import annotations
 
-import pytest
 from hydra.utils import instantiate
 
 from diffusion_lab.utils.instantiate import build_module
@@ -47,14 +46,20 @@ def test_best_recipe_on_a_cpu_composes_as_its_header_says(compose_cfg):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
-def test_gpu_run_sweep_job_composes(compose_cfg):
-    # a job of benchmarks/gpu_run.sh's default grid (fp32 on the GPU so quality transfers to the CPU)
-    overrides = ["trainer.max_steps=1500", "callbacks.ema.decay=0.99", "condition.drop_prob=0.2"]
+def test_gpu_run_sweep_job_is_the_cpu_recipe_on_a_gpu(compose_cfg):
+    """benchmarks/gpu_run.sh trains the CPU recipe in fp32 on a GPU so that its quality transfers to
+    `make train`: apart from the device and the grid's own keys, a job must be the default recipe."""
     common = [
         "trainer=gpu", "trainer.precision=32-true", "trainer.val_check_interval=${trainer.max_steps}",
         "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",
     ]  # fmt: skip
-    cfg = compose_cfg(*common, *overrides)
-    assert cfg.trainer.val_check_interval == cfg.trainer.max_steps
-    assert cfg.trainer.precision == "32-true"
-    build_module(cfg)
+    grid = ["trainer.max_steps=1500", "callbacks.ema.decay=0.99", "condition.drop_prob=0.2"]  # one job
+    job, cpu = compose_cfg(*common, *grid), compose_cfg()
+    assert job.trainer.accelerator == "gpu" and job.trainer.precision == cpu.trainer.precision == "32-true"
+    assert job.callbacks.ema.decay == 0.99 and job.condition.drop_prob == 0.2
+    same = ["model", "schedule", "conditioning", "prediction", "loss", "sampler", "optimizer", "lr_scheduler",
+            "data", "module", "seed"]  # fmt: skip
+    for key in same:
+        assert job[key] == cpu[key], key
+    assert job.trainer.max_steps == cpu.trainer.max_steps
+    build_module(job)

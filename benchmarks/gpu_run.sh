@@ -70,7 +70,7 @@ else
   BENCH_COMPILE=1
 fi
 # Deadlines (seconds from the start): sweep training; sweep evals and B; the benchmarks end at BUDGET.
-T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 85 / 100 )); T_GPU=$T_EVAL
+T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 85 / 100 ))
 
 # ---------------------------------------------------------------- setup
 stage "setup (SMOKE=$SMOKE, STAGES=$STAGES, budget ${BUDGET} s)"
@@ -159,13 +159,13 @@ stage "B. experiment=mnist_gpu ${GPU_TRAIN[*]}"
 # A SIGTERM is honoured after the current step; in the final validation (compiled sampling) that can
 # take tens of seconds, so the kill comes 60 s after it (20 s lost the 2026-11-27 run's checkpoint).
 t=$(date +%s)
-timeout -k 60 "$(until_t $(( T_GPU - 90 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
+timeout -k 60 "$(until_t $(( T_EVAL - 90 )))" "${TRAIN[@]}" experiment=mnist_gpu "${GPU_TRAIN[@]}" \
   'trainer.val_check_interval=${trainer.max_steps}' callbacks.rich_progress_bar=null out="$WORK/mnist_gpu" \
   > "$WORK/mnist_gpu.log" 2>&1
 rc=$?
 echo "  mnist_gpu train exit $rc in $(( $(date +%s) - t )) s"; grep -E "final metrics|rror" "$WORK/mnist_gpu.log" | tail -3
 if [[ -f "$WORK/mnist_gpu/metrics.json" ]]; then
-  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "$GUIDANCE_B" "$T_GPU"
+  evaluate "$WORK/mnist_gpu" "$WORK/mnist_gpu/eval" "$GUIDANCE_B" "$T_EVAL"
   cp "$WORK/mnist_gpu/eval/eval.json" "$OUT/mnist_gpu_eval.json" 2>/dev/null
 fi
 stage "B. done"

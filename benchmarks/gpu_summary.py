@@ -6,8 +6,9 @@ Each job folder `<sweep>/<N>/` holds Hydra's `.hydra/overrides.yaml`, `metrics.j
 `dlab-train`) and, once `dlab-eval ckpt_path=<job> out=<job>/eval` has run, `eval/eval.json`; further
 evals of the same job (`out=<job>/eval_<anything>`, e.g. more guidance scales) are merged in. A job
 stopped by a signal (its `error.txt` names `interrupted.ckpt`) is listed as interrupted, not failed:
-running the same command into the same folder resumes it. For each job this picks the guidance scale that meets the accuracy target with the lowest FID (else the most
-accurate one), prints one Markdown row, writes the table (`--out`) and a JSON twin, and adds the chosen
+running the same command into the same folder resumes it. For each job this picks the guidance scale
+that meets the accuracy target with the lowest FID (else the most accurate one), prints one Markdown
+row, writes the table (`--out`) and a JSON twin, and adds the chosen
 figures to the job's `metrics.json` as `eval/*` keys, so `dlab-report sweep=<sweep>` tables and plots
 them beside the training metrics.
 """

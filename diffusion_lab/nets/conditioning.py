@@ -27,15 +27,22 @@ class ConditioningMethod(nn.Module):
 
     extra_in_channels: int = 0
 
-    def __init__(self, cond_dim: int | None = None, emb_dim: int = 128):
+    def __init__(self, cond_dim: int | None = None, emb_dim: int = 128, embed_pooled: bool = False):
         super().__init__()
         self.cond_dim, self.emb_dim = cond_dim, emb_dim
+        # ADM's class embedding: MLP(pooled) added to the time embedding, which every res block's
+        # scale-shift norm reads. The null condition is a learned vector, so CFG's unconditional pass
+        # goes through the same MLP; `condition=None` just leaves the time embedding.
+        if embed_pooled:
+            self.mlp = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def prepare_input(self, x: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         return x
 
     def embed(self, temb: torch.Tensor, condition: Condition | None) -> torch.Tensor:
-        return temb
+        if condition is None or not hasattr(self, "mlp"):
+            return temb
+        return temb + self.mlp(condition.pooled.to(temb.dtype))  # (B, emb_dim)
 
     def make_block(self, channels: int, resolution: int, attention: bool = False, groups: int = 8):
         """A block the net inserts after the res blocks of a level (down, middle and up paths).
@@ -57,10 +64,18 @@ class ConcatConditioning(ConditioningMethod):
     """pooled -> Linear -> a (k, s, s) map, upsampled to the image size and stacked on the input.
 
     A coarse map (s = 7 by default) keeps the Linear small; the U-Net's first convs spread it out.
+    `embed_pooled=True` also adds the condition to the res blocks' embedding (concat + ADM's embedding).
     """
 
-    def __init__(self, cond_dim: int, emb_dim: int, map_channels: int = 4, map_size: int = 7):
-        super().__init__(cond_dim, emb_dim)
+    def __init__(
+        self,
+        cond_dim: int,
+        emb_dim: int,
+        map_channels: int = 4,
+        map_size: int = 7,
+        embed_pooled: bool = False,
+    ):
+        super().__init__(cond_dim, emb_dim, embed_pooled)
         self.extra_in_channels, self.map_size = map_channels, map_size
         self.to_map = nn.Linear(cond_dim, map_channels * map_size * map_size)
 
@@ -120,13 +135,7 @@ class AdaLNConditioning(ConditioningMethod):
     """
 
     def __init__(self, cond_dim: int, emb_dim: int):
-        super().__init__(cond_dim, emb_dim)
-        self.mlp = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-    def embed(self, temb: torch.Tensor, condition: Condition | None) -> torch.Tensor:
-        if condition is None:
-            return temb
-        return temb + self.mlp(condition.pooled.to(temb.dtype))  # (B, emb_dim)
+        super().__init__(cond_dim, emb_dim, embed_pooled=True)
 
     def make_block(self, channels: int, resolution: int, attention: bool = False, groups: int = 8):
         return _AdaLNBlock(AdaLNZeroBlock(channels, self.emb_dim, groups))

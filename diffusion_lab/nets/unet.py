@@ -49,6 +49,7 @@ class ConditionalUNet(nn.Module):
         groups: int = 8,
         dropout: float = 0.0,
         attention_heads: int = 4,
+        patch_size: int = 1,
         channels_last: bool = True,
     ):
         super().__init__()
@@ -57,6 +58,11 @@ class ConditionalUNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels = out_channels or in_channels
         self.image_size = image_size
+        if image_size % patch_size:
+            raise ValueError(f"model.patch_size={patch_size} must divide the image size {image_size}")
+        # Patch size p folds each p x p patch into channels (pixel_unshuffle) before the first conv and
+        # unfolds the output (pixel_shuffle): the first level runs at image_size / p, for ~p^2 fewer FLOPs.
+        self.patch_size = p = patch_size
         emb_dim = 4 * channels[0]  # ADM's time_embed_dim = 4 * model_channels
         self.time_embed = TimestepEmbedder(channels[0], emb_dim)
         self.conditioning = method = conditioning(emb_dim=emb_dim)
@@ -69,9 +75,11 @@ class ConditionalUNet(nn.Module):
 
         # ----------------------------------------------------------------- down path: one skip per level
         # (lighter than ADM's skip per block: the up path needs num_res_blocks, not +1, blocks per level)
-        self.input_conv = nn.Conv2d(in_channels + method.extra_in_channels, channels[0], 3, padding=1)
+        self.input_conv = nn.Conv2d(
+            (in_channels + method.extra_in_channels) * p * p, channels[0], 3, padding=1
+        )
         self.down, self.downsample, skip_ch = nn.ModuleList(), nn.ModuleList(), []
-        ch, res = channels[0], image_size
+        ch, res = channels[0], image_size // p
         for level, c in enumerate(channels):
             stages = [
                 stage(ch if i == 0 else c, c, res, last=i == num_res_blocks - 1)
@@ -99,7 +107,7 @@ class ConditionalUNet(nn.Module):
             res = res * 2  # nominal; upsample() takes the true size from the skip
 
         self.out_norm = nn.GroupNorm(groups, ch)
-        self.out_conv = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))  # a fresh net predicts 0
+        self.out_conv = zero_(nn.Conv2d(ch, out_channels * p * p, 3, padding=1))  # a fresh net predicts 0
 
         # Channels-last (NHWC) feature maps and conv weights: oneDNN and cuDNN convolve NHWC without
         # reordering each tensor to a blocked layout and back (benchmarks/README.md, "Speed"), and
@@ -115,7 +123,7 @@ class ConditionalUNet(nn.Module):
             raise ValueError(f"condition has batch size {condition.batch_size}, images have {x.shape[0]}")
         emb = self.conditioning.embed(self.time_embed(t), condition)  # (B, emb_dim)
         x = self.conditioning.prepare_input(x, condition).contiguous(memory_format=self.memory_format)
-        h = self.input_conv(x)  # (B, ch0, H, W)
+        h = self.input_conv(F.pixel_unshuffle(x, self.patch_size))  # (B, ch0, H/p, W/p)
         skips = []
         for level, stages in enumerate(self.down):
             for stage in stages:
@@ -130,4 +138,5 @@ class ConditionalUNet(nn.Module):
             h = torch.cat([upsample(h, skip.shape[-2:]), skip], dim=1)  # e.g. 7 -> 14, 14 -> 28
             for stage in stages:
                 h = stage(h, emb, condition)
-        return self.out_conv(F.silu(self.out_norm(h))).contiguous()  # NCHW out, whatever the layout inside
+        out = F.pixel_shuffle(self.out_conv(F.silu(self.out_norm(h))), self.patch_size)
+        return out.contiguous()  # NCHW out, whatever the layout inside

@@ -28,6 +28,7 @@ D = 32  # context width shared by encoders and nets, as ${condition.dim} does in
 METHODS = {
     "none": NoConditioning,
     "concat": ConcatConditioning,
+    "concat+embed": functools.partial(ConcatConditioning, embed_pooled=True),  # concat + ADM's embedding
     "cross_attn": CrossAttnConditioning,
     "adaln": AdaLNConditioning,
 }
@@ -131,7 +132,7 @@ def test_changing_the_condition_changes_the_output(method, source):
         assert (per_sample > 1e-4).all(), per_sample
 
 
-@pytest.mark.parametrize("method", ["concat", "adaln"])
+@pytest.mark.parametrize("method", ["concat", "concat+embed", "adaln"])
 def test_pooled_methods_read_pooled(method):
     torch.manual_seed(0)
     net = randomize_zero_params(make_net(method)).eval()
@@ -141,6 +142,23 @@ def test_pooled_methods_read_pooled(method):
     with torch.no_grad():
         assert torch.equal(net(x, t, c), net(x, t, other))  # tokens are not read
         assert not torch.allclose(net(x, t, c), net(x, t, Condition(c.tokens, c.mask, c.pooled + 1)))
+
+
+def test_embed_pooled_adds_the_condition_to_the_time_embedding():
+    """concat's `embed_pooled`: temb + MLP(pooled), as adaLN's embedding; off, concat has no MLP (old
+    checkpoints load) and leaves the time embedding alone."""
+    torch.manual_seed(0)
+    c = encode("class")
+    temb = torch.randn(4, 64)
+    plain = ConcatConditioning(cond_dim=D, emb_dim=64)
+    assert not hasattr(plain, "mlp") and torch.equal(plain.embed(temb, c), temb)
+    both = ConcatConditioning(cond_dim=D, emb_dim=64, embed_pooled=True)
+    adaln = AdaLNConditioning(cond_dim=D, emb_dim=64)
+    adaln.mlp.load_state_dict(both.mlp.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(both.embed(temb, c), temb + both.mlp(c.pooled))
+        torch.testing.assert_close(both.embed(temb, c), adaln.embed(temb, c))
+        assert torch.equal(both.embed(temb, None), temb)  # unconditional: the time embedding alone
 
 
 def test_cross_attention_reads_tokens_and_respects_the_mask():
@@ -211,6 +229,43 @@ def test_a_few_adam_steps_lower_the_eps_loss_on_a_fixed_mnist_batch(method, mnis
     # the conditioning path itself learns (gradients reach it once the zero-init out conv has moved)
     changed = [not torch.equal(b, p) for b, p in zip(before, net.conditioning.parameters(), strict=True)]
     assert all(changed), changed
+
+
+# --------------------------------------------------------------------------- patches
+
+
+@pytest.mark.parametrize("method", ["none", "adaln", "cross_attn"])
+def test_patch_size_2_is_a_net_on_pixel_unshuffled_images(method):
+    """model.patch_size=2 is exactly: fold each 2x2 patch into channels, run the net at 14x14, unfold.
+    Checked against a patch_size=1 net on 4-channel 14x14 images that holds the same weights."""
+    torch.manual_seed(0)
+    patched = randomize_zero_params(make_net(method, patch_size=2, attention_resolutions=(7,)))
+    plain = make_net(method, in_channels=4, image_size=14, attention_resolutions=(7,))
+    plain.load_state_dict(patched.state_dict())
+    x, t = inputs()
+    c = encode("class")
+    with torch.no_grad():
+        expected = torch.nn.functional.pixel_shuffle(
+            plain(torch.nn.functional.pixel_unshuffle(x, 2), t, c), 2
+        )
+        torch.testing.assert_close(patched(x, t, c), expected)
+    # the levels run at 14 and 7: the 7x7 attention exists (it would not at 28 -> 14)
+    assert sum(type(m).__name__ == "SelfAttention" for m in patched.modules()) == 3
+
+
+def test_concat_map_is_folded_with_the_image():
+    """Concat's label map is made at the image's size and folded with it: 4 x (1 + k) input channels."""
+    net = make_net("concat", patch_size=2, attention_resolutions=(7,))
+    k = net.conditioning.extra_in_channels
+    assert net.input_conv.in_channels == 4 * (1 + k)
+    x, t = inputs()
+    with torch.no_grad():
+        assert net(x, t, encode("class")).shape == (4, 1, 28, 28)
+
+
+def test_patch_size_must_divide_the_image():
+    with pytest.raises(ValueError, match="model.patch_size=3 must divide the image size 28"):
+        make_net("none", patch_size=3)
 
 
 # --------------------------------------------------------------------------- memory layout

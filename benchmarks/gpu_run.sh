@@ -13,10 +13,11 @@
 #      with the same steps and batch) over GRID_A, N_JOBS jobs at once on the one GPU (joblib launcher).
 #      On the H200 (2026-11-27) 2 jobs at once ran ~15 steps/s each and 9 at once ~3.8 (kernel-launch
 #      bound), so size it as (jobs / N_JOBS) x (STEPS_A / 15 + 20) s + ~25 s of setup <= T_SWEEP (half
-#      of BUDGET): the default, 4 jobs of 1,500 steps 2 at a time, is ~265 s of BUDGET=560. Then every
-#      finished job is scored by `dlab-eval` (N = 5,000 at each GUIDANCE, EVAL_PAR at once) while B
-#      trains, and benchmarks/gpu_summary.py and `dlab-report` tabulate the sweep. A job stopped by the
-#      deadline leaves checkpoints/interrupted.ckpt: the same command into the same folder resumes it.
+#      of BUDGET): the default, the recipe at seeds 0 and 1 (its spread), 2,500 steps 2 at a time, is
+#      ~210 s of BUDGET=560. Then every finished job is scored by `dlab-eval` (N = 5,000 at each
+#      GUIDANCE, EVAL_PAR at once) while B trains, and benchmarks/gpu_summary.py and `dlab-report`
+#      tabulate the sweep. A job stopped by the deadline leaves checkpoints/interrupted.ckpt: the
+#      same command into the same folder resumes it.
 #   B. one `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile; GPU_STEPS steps),
 #      then dlab-eval at GUIDANCE_B: the candidate for experiment=mnist_best.
 #   C. the speed benchmarks, bf16: loop overhead, then (time allowing) training throughput compiled,
@@ -59,9 +60,9 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   DEVICE=cuda; SITE=/tmp/site; N_JOBS=${N_JOBS:-2}
   SWEEP_SCALE=()
-  STEPS_A=${STEPS_A:-1500}
-  read -r -a GRID_A <<< "${GRID_A:-callbacks.ema.decay=0.99,0.995 condition.drop_prob=0.1,0.2}"
-  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.25,1.375,1.5,1.75]"}; GUIDANCE_B=${GUIDANCE_B:-"[1.25,1.5,2.0,2.5]"}
+  STEPS_A=${STEPS_A:-2500}
+  read -r -a GRID_A <<< "${GRID_A:-seed=0,1}"
+  EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.4,1.5,1.6,1.7]"}; GUIDANCE_B=${GUIDANCE_B:-"[1.25,1.5,2.0,2.5]"}
   EVAL_EXTRA=(batch_size=2500)
   GPU_TRAIN=(trainer.max_steps=${GPU_STEPS:-2500})
   BENCH=(--device cuda --precision bf16 --batch 256 --rounds 3 --steps 10 --warmup 3)
@@ -138,7 +139,7 @@ pump_evals() {  # start dlab-eval on each finished, not yet evaluated job (at mo
 # ---------------------------------------------------------------- A. recipe sweep, then B while A's jobs are scored
 if [[ "$STAGES" == *A* ]]; then
 stage "A. recipe sweep (fp32, ${N_JOBS} jobs at once): ${GRID_A[*]}"
-# The CPU recipe (mnist_cpu: concat, batch 64, lr 1e-3) at STEPS_A steps over GRID_A; fp32 so that the
+# The CPU recipe (mnist_cpu: concat_embed, batch 64, lr 1e-3) at STEPS_A steps over GRID_A; fp32 so that the
 # quality transfers to the CPU run with the same steps and batch.
 sweep a "$N_JOBS" trainer.max_steps="$STEPS_A" "${GRID_A[@]}"
 stage "A. sweep done; scoring its jobs (dlab-eval N=$EVAL_N guidance=$GUIDANCE, $EVAL_PAR at a time) beside B"

@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the net")
     ap.add_argument("--n", type=int, default=64, help="images per point (FID needs >= 256)")
     ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--guidance", type=float, default=1.4, help="default: the make-train recipe's best scale")
+    ap.add_argument("--guidance", type=float, default=1.6, help="default: the make-train recipe's best scale")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--speed", default=",".join(f"{n}_{s}" for n, s in SPEED), help="sampler_steps points timed"

@@ -4,7 +4,8 @@ One training step = condition encoder + net forward, eps-MSE, backward, AdamW st
 `conf/optimizer` config, built for every model alike). In one process, with the same batch, threads
 and precision:
 
-- ours: `conf/model/<--model>.yaml` with each `conf/conditioning/<method>.yaml`;
+- ours: `conf/model/<--model>.yaml` (default: the `make train` recipe's) with each
+  `conf/conditioning/<method>.yaml` (the recipe's first);
 - `unet2d`: diffusers' `UNet2DModel` with a class embedding (added to the time embedding);
 - `unet2d_condition`: diffusers' `UNet2DConditionModel` with cross-attention to the class token;
 
@@ -52,12 +53,18 @@ def config(group: str, name: str):
     return OmegaConf.load(CONF / group / f"{name}.yaml")
 
 
-def model_config(name: str):
-    """conf/model/<name>.yaml with its `defaults` (a preset may extend another) merged in."""
-    cfg = config("model", name)
+def recipe_choice(group: str) -> str:
+    """The default recipe's option of a group: `override /<group>` in conf/experiment/mnist_cpu.yaml."""
+    defaults = config("experiment", "mnist_cpu").defaults
+    return next(entry[f"override /{group}"] for entry in defaults if f"override /{group}" in entry)
+
+
+def option_config(group: str, name: str):
+    """conf/<group>/<name>.yaml with its `defaults` (an option may extend another) merged in."""
+    cfg = config(group, name)
     for base in cfg.pop("defaults", []):
         if base != "_self_":
-            cfg = OmegaConf.merge(model_config(base), cfg)
+            cfg = OmegaConf.merge(option_config(group, base), cfg)
     return cfg
 
 
@@ -69,9 +76,9 @@ class Ours(torch.nn.Module):
         cfg = OmegaConf.create(
             {
                 "condition": {**config("condition", "class"), "dim": COND_DIM},
-                "conditioning": config("conditioning", method),
+                "conditioning": option_config("conditioning", method),
                 "data": {"channels": 1, "image_size": 28},
-                "model": model_config(model),
+                "model": option_config("model", model),
             }
         )
         self.encoder = instantiate(cfg.condition)
@@ -243,10 +250,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--model", default="unet_small", help="our preset, conf/model/<name>.yaml")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--model", default=recipe_choice("model"), help="our preset, conf/model/<name>.yaml")
+    default_method = recipe_choice("conditioning")  # first: the ratio keys the targets read
+    methods = [default_method] + [m for m in METHODS if m != default_method]
+    ap.add_argument(
+        "--methods", default=",".join(methods), help="conf/conditioning/<name>.yaml, comma-separated"
+    )
     ap.add_argument("--optimizer", default="adamw", help="conf/optimizer/<name>.yaml, for every model")
     ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="auto: as training")
+    ap.add_argument(
+        "--peer-shape",
+        default=None,
+        help="e.g. 32,64,128: the widths whose ratios the matched peers keep (default ours)",
+    )
     ap.add_argument("--channels-last", action="store_true", help="peers too (ours is channels-last already)")
     ap.add_argument("--layout-ab", action="store_true", help="add ours/<last method> with NCHW maps")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -266,6 +282,9 @@ def main() -> None:
         models[f"ours/{methods[-1]}-nchw"] = Ours(args.model, methods[-1], channels_last=False)
     ours0 = models[f"ours/{methods[0]}"]
     widths, blocks = ours0.widths, ours0.blocks
+    # The peers at matched parameters keep our widths' ratios unless told otherwise: a peer shaped like
+    # unet_small (1:2:4) puts its parameters at low resolution, where they cost the fewest FLOPs.
+    peer_shape_widths = [int(c) for c in args.peer_shape.split(",")] if args.peer_shape else widths
     peers = {"unet2d": UNet2D, "unet2d_condition": UNet2DCondition}
     matched: dict[str, dict[str, str]] = {name: {} for name in peers}  # peer -> method -> model name
     for peer, cls in peers.items():
@@ -273,7 +292,7 @@ def main() -> None:
         info[f"{peer}/width"] = {"widths": widths, "layers_per_block": blocks}
         for method in methods:
             target = net_params(models[f"ours/{method}"])
-            w, n = match_widths(cls, target, widths, blocks)
+            w, n = match_widths(cls, target, peer_shape_widths, blocks)
             if abs(n / target - 1) > TOLERANCE:
                 print(
                     f"warning: no {peer} within 10% of ours/{method}'s {target:,} parameters (nearest {n:,})"
@@ -377,6 +396,7 @@ def main() -> None:
         "fused_optimizer": args.fused,
         "optimizer": OmegaConf.to_container(config("optimizer", args.optimizer)),
         "model_preset": args.model,
+        "peer_shape": peer_shape_widths,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "warmup": args.warmup,

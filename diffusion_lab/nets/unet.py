@@ -1,7 +1,8 @@
 """ConditionalUNet: a U-Net of ADM blocks at MNIST's native 28x28 (levels 28 -> 14 -> 7, no padding).
 
 ADM's scale-shift-norm ResBlocks and attention, but one skip per level (not per block) and upsampling
-without a conv: about 0.63x the FLOPs of diffusers' UNet2DModel at the same widths.
+without a conv: about 0.63x the FLOPs of diffusers' UNet2DModel at the same widths. With
+`patch_size=2` (unet_patch2, the default recipe's net) the levels run at 14 -> 7 -> 4 on 2x2 patches.
 
 How the condition enters is delegated to a `ConditioningMethod` (see conditioning.py), so the same
 net serves concat, cross-attention and adaLN-Zero; size presets live in conf/model/*.yaml.

@@ -13,7 +13,7 @@
 #      with the same steps and batch) over GRID_A, N_JOBS jobs at once on the one GPU (joblib launcher).
 #      On the H200 (2026-11-27) 2 jobs at once ran ~15 steps/s each and 9 at once ~3.8 (kernel-launch
 #      bound), so size it as (jobs / N_JOBS) x (STEPS_A / 15 + 20) s + ~25 s of setup <= T_SWEEP (half
-#      of BUDGET): the default, the recipe at seeds 0 and 1 (its spread), 2,500 steps 2 at a time, is
+#      of BUDGET): the default, the recipe at seeds 0 and 1 (its spread), 2,300 steps 2 at a time, is
 #      ~210 s of BUDGET=560. Then every finished job is scored by `dlab-eval` (N = 5,000 at each
 #      GUIDANCE, EVAL_PAR at once) while B trains, and benchmarks/gpu_summary.py and `dlab-report`
 #      tabulate the sweep. A job stopped by the deadline leaves checkpoints/interrupted.ckpt: the
@@ -60,7 +60,7 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   DEVICE=cuda; SITE=/tmp/site; N_JOBS=${N_JOBS:-2}
   SWEEP_SCALE=()
-  STEPS_A=${STEPS_A:-2500}
+  STEPS_A=${STEPS_A:-2300}
   read -r -a GRID_A <<< "${GRID_A:-seed=0,1}"
   EVAL_N=5000; GUIDANCE=${GUIDANCE:-"[1.4,1.5,1.6,1.7]"}; GUIDANCE_B=${GUIDANCE_B:-"[1.25,1.5,2.0,2.5]"}
   EVAL_EXTRA=(batch_size=2500)

@@ -53,7 +53,7 @@ def test_gpu_run_sweep_job_is_the_cpu_recipe_on_a_gpu(compose_cfg):
         "trainer=gpu", "trainer.precision=32-true", "trainer.val_check_interval=${trainer.max_steps}",
         "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",
     ]  # fmt: skip
-    grid = ["trainer.max_steps=2500", "callbacks.ema.decay=0.99", "condition.drop_prob=0.2"]  # one job
+    grid = ["trainer.max_steps=2300", "callbacks.ema.decay=0.99", "condition.drop_prob=0.2"]  # one job
     job, cpu = compose_cfg(*common, *grid), compose_cfg()
     assert job.trainer.accelerator == "gpu" and job.trainer.precision == cpu.trainer.precision == "32-true"
     assert job.callbacks.ema.decay == 0.99 and job.condition.drop_prob == 0.2

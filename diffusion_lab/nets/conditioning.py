@@ -33,14 +33,17 @@ class ConditioningMethod(nn.Module):
         # ADM's class embedding: MLP(pooled) added to the time embedding, which every res block's
         # scale-shift norm reads. The null condition is a learned vector, so CFG's unconditional pass
         # goes through the same MLP; `condition=None` just leaves the time embedding.
-        if embed_pooled:
-            self.mlp = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.mlp = (
+            nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if embed_pooled
+            else None
+        )
 
     def prepare_input(self, x: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         return x
 
     def embed(self, temb: torch.Tensor, condition: Condition | None) -> torch.Tensor:
-        if condition is None or not hasattr(self, "mlp"):
+        if condition is None or self.mlp is None:
             return temb
         return temb + self.mlp(condition.pooled.to(temb.dtype))  # (B, emb_dim)
 

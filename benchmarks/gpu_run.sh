@@ -19,7 +19,7 @@
 #      tabulate the sweep. A job stopped by the deadline leaves checkpoints/interrupted.ckpt: the
 #      same command into the same folder resumes it.
 #   B. one `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile; GPU_STEPS steps),
-#      then dlab-eval at GUIDANCE_B: the candidate for experiment=mnist_best.
+#      then dlab-eval at GUIDANCE_B: the GPU recipe's quality (experiment=mnist_best is the CPU's).
 #   C. the speed benchmarks, bf16: loop overhead, then (time allowing) training throughput compiled,
 #      sampling.
 set -uo pipefail

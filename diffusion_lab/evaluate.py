@@ -31,7 +31,10 @@ log = logging.getLogger("diffusion_lab")
 
 def score(evaluator, module, sampler, targets: Targets, guidance: float, cfg: DictConfig) -> dict:
     """FID / KID / digit accuracy of samples for `targets`, plus caption fidelity for a caption model."""
-    images = generate_batched(module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed)
+    interval = checks.guidance_interval(cfg)
+    images = generate_batched(
+        module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed, guidance_interval=interval
+    )
     result = evaluator.evaluate(images, targets.digits)
     if targets.attributes:
         result["attribute_agreement"] = agreement(
@@ -61,6 +64,7 @@ def save_figure(fig, path: Path, loggers) -> None:
 def check_arguments(cfg: DictConfig) -> None:
     checks.positive_int(cfg, "n", 5000)
     checks.guidance_scales(cfg)
+    checks.guidance_interval(cfg)
     checks.optional_positive_int(cfg, "steps", 20)
     checks.positive_int(cfg, "batch_size", 500)
     checks.positive_int(cfg.steps_sweep, "n", 1000)
@@ -92,6 +96,7 @@ def run(cfg: DictConfig) -> dict:
     # ---------------------------------------------------------------- guidance sweep
     sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
     results["sampler"] = {"name": type(sampler).__name__, "steps": sampler.num_steps}
+    results["guidance_interval"] = checks.guidance_interval(cfg)
     results["guidance"] = {}
     for scale in checks.guidance_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
         results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)

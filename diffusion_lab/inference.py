@@ -92,15 +92,20 @@ def generate_batched(
     batch_size: int,
     seed: int,
     progress: bool = True,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """uint8 images (N, C, H, W) for `inputs` (labels or prompts), in batches; batch k is seeded with
-    seed + k, so the images do not depend on which command (or callback) asks for them."""
+    seed + k, so the images do not depend on which command (or callback) asks for them.
+    `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step."""
     chunks = []
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     if progress:
         batches = track(batches, description=f"sampling (guidance {guidance:g})")
     for k, chunk in enumerate(batches):
         generator = torch.Generator().manual_seed(seed + k)
-        images = module.generate(chunk, guidance_scale=guidance, sampler=sampler, generator=generator)
+        images = module.generate(
+            chunk, guidance_scale=guidance, sampler=sampler, generator=generator,
+            guidance_interval=guidance_interval,
+        )  # fmt: skip
         chunks.append(to_uint8(images).cpu())
     return torch.cat(chunks)

@@ -125,6 +125,7 @@ class DiffusionModule(L.LightningModule):
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         return_intermediates: bool = False,
         progress: bool = False,
     ):
@@ -144,6 +145,7 @@ class DiffusionModule(L.LightningModule):
                 null_condition=null,
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
+                guidance_interval=guidance_interval,
                 generator=generator,
                 device=self.device,
                 return_intermediates=return_intermediates,

@@ -26,6 +26,7 @@ def run(cfg: DictConfig) -> Path:
     # Every argument is checked before the model is loaded or a file is written.
     n = checks.positive_int(cfg, "n", 100)
     scales = checks.guidance_scales(cfg)
+    interval = checks.guidance_interval(cfg)
     steps = checks.optional_positive_int(cfg, "steps", 20)
     batch_size = checks.positive_int(cfg, "batch_size", 250)
     out = checks.writable_dir(cfg.paths.output_dir)
@@ -35,7 +36,10 @@ def run(cfg: DictConfig) -> Path:
     inputs, key = conditions(cfg, module.encoder, n)
     sampler = sampler_for(module, cfg.get("sampler"), steps)
 
-    images = torch.cat([generate_batched(module, inputs, s, sampler, batch_size, cfg.seed) for s in scales])
+    images = torch.cat([
+        generate_batched(module, inputs, s, sampler, batch_size, cfg.seed, guidance_interval=interval)
+        for s in scales
+    ])  # fmt: skip
     recorded = inputs.repeat(len(scales)).numpy() if key == "labels" else np.asarray(inputs * len(scales))
     np.savez_compressed(
         out / "samples.npz",

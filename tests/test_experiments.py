@@ -3,8 +3,6 @@ Compose checks only (nothing here needs a GPU); `benchmarks/gpu_run.sh` trains t
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
-
 from diffusion_lab.utils.instantiate import build_module
 from tests.conftest import CONF_DIR
 
@@ -27,23 +25,25 @@ def test_gpu_recipe_is_bf16_compiled_and_larger_batch(compose_cfg):
     assert build_module(gpu).hparams.compile is True
 
 
-def test_best_recipe_is_the_gpu_recipe_trained_longer(compose_cfg):
-    best, gpu = compose_cfg("experiment=mnist_best"), compose_cfg("experiment=mnist_gpu")
-    assert best.trainer.precision == gpu.trainer.precision and best.module.compile == gpu.module.compile
-    assert best.data.batch_size == gpu.data.batch_size and best.model == gpu.model
-    assert best.trainer.max_steps > gpu.trainer.max_steps
+def test_best_recipe_is_the_cpu_recipe_trained_longer(compose_cfg):
+    best, cpu = compose_cfg("experiment=mnist_best"), compose_cfg()
+    assert best.trainer.accelerator == "cpu" and best.trainer.precision == "32-true"
+    assert best.model == cpu.model and best.conditioning == cpu.conditioning
+    assert best.data.batch_size == cpu.data.batch_size and best.optimizer == cpu.optimizer
+    assert best.trainer.max_steps >= 4 * cpu.trainer.max_steps
+    assert best.callbacks.ema.decay > cpu.callbacks.ema.decay  # a window that grows with the run
     assert "best" in best.tags
     header = (CONF_DIR / "experiment" / "mnist_best.yaml").read_text()
-    assert "GPU" in header and "99%" in header  # says where it runs and what it reaches
+    assert "CPU" in header and "99%" in header  # says where it runs and what it aims at
 
 
-def test_best_recipe_on_a_cpu_composes_as_its_header_says(compose_cfg):
-    cfg = compose_cfg(
-        "experiment=mnist_best", "trainer=cpu", "trainer.precision=32-true", "module.compile=false"
-    )
-    assert cfg.trainer.accelerator == "cpu"
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert trainer.max_steps == cfg.trainer.max_steps
+def test_best_recipe_on_a_gpu_keeps_the_measured_numerics(compose_cfg):
+    """The header's GPU line changes the device only, so the CPU's figures transfer."""
+    best = compose_cfg("experiment=mnist_best")
+    on_gpu = compose_cfg("experiment=mnist_best", "trainer=gpu", "trainer.precision=32-true")
+    assert on_gpu.trainer.accelerator == "gpu" and on_gpu.trainer.precision == best.trainer.precision
+    assert on_gpu.trainer.max_steps == best.trainer.max_steps
+    assert on_gpu.module.compile is False and on_gpu.model == best.model
 
 
 def test_gpu_run_sweep_job_is_the_cpu_recipe_on_a_gpu(compose_cfg):

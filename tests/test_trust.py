@@ -22,8 +22,16 @@ from tests.conftest import BIN_DIR, ROOT, run_cli, start_training, user_env
 SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 HELP_KEYS = {  # what each command's --help must name, besides Hydra's listing of the whole config
     "dlab-train": ["ckpt_path=", "out=", "experiment="],
-    "dlab-sample": ["ckpt_path=", "labels=", "prompts=", "prompts_file=", "guidance=", "out="],
-    "dlab-eval": ["ckpt_path=", "n=", "guidance=", "steps_sweep", "out="],
+    "dlab-sample": [
+        "ckpt_path=",
+        "labels=",
+        "prompts=",
+        "prompts_file=",
+        "guidance=",
+        "guidance_interval=",
+        "out=",
+    ],
+    "dlab-eval": ["ckpt_path=", "n=", "guidance=", "guidance_interval=", "steps_sweep", "out="],
     "dlab-viz": ["plot=", "schedules", "forward", "trajectory", "ckpt_path=", "index=", "columns=", "out="],
     "dlab-report": ["sweep=", "out=", "failed"],
     "dlab-train-evaluator": ["retrain=", "paths.cache_dir="],
@@ -110,7 +118,8 @@ def test_non_finite_weights_are_refused(tiny_run, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("n=0", "n=0"), ("guidance=abc", "guidance='abc'"), ("labels=[12]", "labels=[12]"), ("steps=5000", "steps=5000")],
+    [("n=0", "n=0"), ("guidance=abc", "guidance='abc'"), ("labels=[12]", "labels=[12]"), ("steps=5000", "steps=5000"),
+     ("guidance_interval=[5,1]", "guidance_interval=[5, 1]")],
 )  # fmt: skip
 def test_bad_sampling_arguments_fail_before_writing(tiny_run, tmp_path, override, key):
     _, run_dir, _ = tiny_run

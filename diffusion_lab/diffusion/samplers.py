@@ -248,6 +248,12 @@ def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
+def noise_level(alpha_cumprod: float) -> float:
+    """EDM's σ = √((1 − ᾱ)/ᾱ), the noise level of x_t/√ᾱ (inf at ᾱ = 0): schedule-independent, so a
+    guidance interval given in σ means the same thing under every noise schedule."""
+    return math.inf if alpha_cumprod <= 0 else math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -257,6 +263,7 @@ def sample(
     null_condition: Condition | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
     device="cpu",
     return_intermediates: bool = False,
@@ -269,6 +276,9 @@ def sample(
     skipped), s = 0 the unconditional one (conditional pass skipped); otherwise both passes run as ONE
     forward on the doubled batch. A `null_condition` of batch 1 is repeated to the batch size.
     Without `null_condition` no guidance is possible: s must then be 1 unless `condition` is None.
+    `guidance_interval` = (σ_lo, σ_hi) guides only the steps with σ_lo < σ_t ≤ σ_hi (Kynkäänniemi et al.
+    2024: guidance at high noise costs diversity, at low noise it does little); the other steps use s = 1,
+    one pass on the conditional batch. None guides every step.
 
     Returns the samples, or (samples, {"x_t": inputs of each step, "x0": x̂₀ of each step}) on CPU.
     """
@@ -291,7 +301,7 @@ def sample(
         timesteps = tqdm(timesteps, desc="sampling")
     for t in timesteps:
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        if not guided:
+        if not guided or not _in_interval(noise_level(sampler.alphas_cumprod[t]), guidance_interval):
             out = model(x, t_batch, condition)
         elif guidance_scale == 0.0:
             out = model(x, t_batch, null_condition)
@@ -306,3 +316,7 @@ def sample(
             intermediates["x0"].append(step.pred_x0.cpu())
         x = step.prev_sample
     return (x, intermediates) if return_intermediates else x
+
+
+def _in_interval(sigma: float, interval: tuple[float, float] | None) -> bool:
+    return interval is None or interval[0] < sigma <= interval[1]

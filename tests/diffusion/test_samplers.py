@@ -12,6 +12,7 @@ from diffusion_lab.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverPP2MSampler,
+    noise_level,
     rescale_noise_cfg,
     sample,
 )
@@ -344,6 +345,48 @@ def test_guidance_rescale():
     torch.testing.assert_close(out, x)
     plain = sample(model, sampler, (4, 8), cond_c, null_c, 3.0, generator=gen())
     assert not torch.allclose(out, plain)
+
+
+def test_noise_level_is_edm_sigma():
+    assert noise_level(0.5) == 1.0 and noise_level(0.2) == pytest.approx(2.0) and noise_level(1.0) == 0.0
+    assert noise_level(0.0) == math.inf  # zero terminal SNR
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """Inside (σ_lo, σ_hi] the step gets u + s(c − u) from one doubled-batch pass; outside, c alone."""
+    schedule = NoiseSchedule("cosine")
+    sampler = DPMSolverPP2MSampler(schedule, "v_prediction", num_steps=20, clip_sample=False)
+    cond_c, null_c, s, interval = make_condition(MU_C, 8), make_condition(MU_NULL, 8), 2.5, (0.5, 5.0)
+    model = GaussianModel(schedule, "v_prediction")
+    out = sample(model, sampler, (8, DIM), cond_c, null_c, s, guidance_interval=interval, generator=gen())
+
+    ac = schedule.alphas_cumprod_f64
+    inside = [0.5 < math.sqrt((1 - ac[t]) / ac[t]) <= 5.0 for t in sampler.timesteps.tolist()]
+    assert 0 < sum(inside) < len(inside)  # the test needs both kinds of step
+    assert model.batches == [16 if guided else 8 for guided in inside]
+
+    x, reference = torch.randn(8, DIM, generator=gen()), GaussianModel(schedule, "v_prediction")
+    sampler.reset()
+    for t, guided in zip(sampler.timesteps.tolist(), inside, strict=True):
+        tb = torch.full((8,), t)
+        c, u = reference(x, tb, cond_c), reference(x, tb, null_c)
+        x = sampler.step(u + s * (c - u) if guided else c, t, x).prev_sample
+    torch.testing.assert_close(out, x)
+
+
+def test_guidance_interval_over_every_sigma_is_plain_guidance():
+    schedule = NoiseSchedule("cosine")
+    sampler = DDIMSampler(schedule, num_steps=10, clip_sample=False)
+    args = (
+        GaussianModel(schedule),
+        sampler,
+        (8, DIM),
+        make_condition(MU_C, 8),
+        make_condition(MU_NULL, 1),
+        2.0,
+    )
+    everywhere = sample(*args, guidance_interval=(0.0, math.inf), generator=gen())
+    assert torch.equal(everywhere, sample(*args, generator=gen()))
 
 
 def test_guidance_without_null_condition_is_an_error():

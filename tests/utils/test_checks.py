@@ -3,6 +3,8 @@ them are run as users run them in tests/test_trust.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -56,3 +58,15 @@ def test_writable_dir_names_the_key(tmp_path):
     assert checks.writable_dir(tmp_path / "new" / "dir").is_dir()
     with pytest.raises(ConfigError, match="out=.*a_file/x: cannot write there"):
         checks.writable_dir(tmp_path / "a_file" / "x")
+
+
+def test_guidance_interval_is_null_or_two_increasing_noise_levels():
+    assert checks.guidance_interval(OmegaConf.create({"guidance_interval": None})) is None
+    assert checks.guidance_interval(OmegaConf.create({"guidance_interval": [0, 5]})) == (0.0, 5.0)
+    assert checks.guidance_interval(OmegaConf.create({"guidance_interval": [0.3, math.inf]})) == (
+        0.3,
+        math.inf,
+    )
+    for bad in ([5, 1], [1], [-1, 2], "abc", [1, True], [2, 2]):
+        with pytest.raises(ConfigError, match=r"guidance_interval=.*σ_lo < σ_hi"):
+            checks.guidance_interval(OmegaConf.create({"guidance_interval": bad}))

@@ -260,8 +260,9 @@ def main() -> None:
     ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="auto: as training")
     ap.add_argument(
         "--peer-shape",
-        default=None,
-        help="e.g. 32,64,128: the widths whose ratios the matched peers keep (default ours)",
+        default="32,64,128",
+        help="the widths whose ratios the matched peers keep (1:2:4, diffusers' usual shape); "
+        "'ours' gives them our own ratios",
     )
     ap.add_argument("--channels-last", action="store_true", help="peers too (ours is channels-last already)")
     ap.add_argument("--layout-ab", action="store_true", help="add ours/<last method> with NCHW maps")
@@ -282,9 +283,10 @@ def main() -> None:
         models[f"ours/{methods[-1]}-nchw"] = Ours(args.model, methods[-1], channels_last=False)
     ours0 = models[f"ours/{methods[0]}"]
     widths, blocks = ours0.widths, ours0.blocks
-    # The peers at matched parameters keep our widths' ratios unless told otherwise: a peer shaped like
-    # unet_small (1:2:4) puts its parameters at low resolution, where they cost the fewest FLOPs.
-    peer_shape_widths = [int(c) for c in args.peer_shape.split(",")] if args.peer_shape else widths
+    # The peers at matched parameters are shaped 1:2:4 by default: that puts their parameters at low
+    # resolution, where they cost the fewest FLOPs, so it is the fairer match. Our own 1:2:2 ratios
+    # (`--peer-shape ours`) spend a peer's parameters at high resolution and flatter our ratios.
+    peer_shape_widths = widths if args.peer_shape == "ours" else [int(c) for c in args.peer_shape.split(",")]
     peers = {"unet2d": UNet2D, "unet2d_condition": UNet2DCondition}
     matched: dict[str, dict[str, str]] = {name: {} for name in peers}  # peer -> method -> model name
     for peer, cls in peers.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -96,7 +97,10 @@ def run(cfg: DictConfig) -> dict:
     # ---------------------------------------------------------------- guidance sweep
     sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
     results["sampler"] = {"name": type(sampler).__name__, "steps": sampler.num_steps}
-    results["guidance_interval"] = checks.guidance_interval(cfg)
+    interval = checks.guidance_interval(cfg)  # JSON has no infinity: an open upper bound is written "inf"
+    results["guidance_interval"] = (
+        None if interval is None else [b if math.isfinite(b) else "inf" for b in interval]
+    )
     results["guidance"] = {}
     for scale in checks.guidance_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
         results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)

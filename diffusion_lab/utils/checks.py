@@ -42,7 +42,7 @@ def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
 
 
 def guidance_interval(cfg: DictConfig, key: str = "guidance_interval") -> tuple[float, float] | None:
-    """null (guide every step) or [σ_lo, σ_hi] with 0 <= σ_lo < σ_hi (σ_hi may be .inf)."""
+    """null (guide every step) or [σ_lo, σ_hi] with 0 <= σ_lo < σ_hi (σ_hi may be inf)."""
     value = cfg.get(key)
     if value is None:
         return None
@@ -51,7 +51,7 @@ def guidance_interval(cfg: DictConfig, key: str = "guidance_interval") -> tuple[
     if len(bounds) != 2 or not numbers or not 0 <= bounds[0] < bounds[1]:
         raise ConfigError(
             f"{key}={value!r}: expected [σ_lo, σ_hi], the noise levels σ = √((1 − ᾱ)/ᾱ) between which "
-            f"guidance is applied, with 0 <= σ_lo < σ_hi, e.g. {key}=[0.3,5] (or {key}=null: every step)"
+            f"guidance is applied, with 0 <= σ_lo < σ_hi, e.g. {key}=[0.3,5] or [2,inf] (null: every step)"
         )
     return float(bounds[0]), float(bounds[1])
 

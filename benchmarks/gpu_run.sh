@@ -13,11 +13,12 @@
 #      with the same steps and batch) over GRID_A, N_JOBS jobs at once on the one GPU (joblib launcher).
 #      On the H200 (2026-11-27) 2 jobs at once ran ~15 steps/s each and 9 at once ~3.8 (kernel-launch
 #      bound), so size it as (jobs / N_JOBS) x (STEPS_A / 15 + 20) s + ~25 s of setup <= T_SWEEP (half
-#      of BUDGET): the default, the recipe at seeds 0 and 1 (its spread), 2,300 steps 2 at a time, is
-#      ~210 s of BUDGET=560. Then every finished job is scored by `dlab-eval` (N = 5,000 at each
-#      GUIDANCE, EVAL_PAR at once) while B trains, and benchmarks/gpu_summary.py and `dlab-report`
-#      tabulate the sweep. A job stopped by the deadline leaves checkpoints/interrupted.ckpt: the
-#      same command into the same folder resumes it.
+#      of BUDGET unless set): the default, the recipe at seeds 0 and 1 (its spread), 2,300 steps 2 at a
+#      time, is ~210 s of BUDGET=560. Then every job with a checkpoint is scored by `dlab-eval` (N = 5,000
+#      at each GUIDANCE, EVAL_PAR at once) while B trains, and benchmarks/gpu_summary.py (its target set by
+#      SUMMARY_ARGS) and `dlab-report` tabulate the sweep. A job stopped by the deadline leaves
+#      checkpoints/interrupted.ckpt, which is scored as it stands; the same command into the same folder
+#      resumes it. GRID_A may name another experiment, e.g. "experiment=mnist_best model=a,b".
 #   B. one `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile; GPU_STEPS steps),
 #      then dlab-eval at GUIDANCE_B: the GPU recipe's quality (experiment=mnist_best is the CPU's).
 #   C. the speed benchmarks, bf16: loop overhead, then (time allowing) training throughput compiled,
@@ -26,6 +27,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 SMOKE=${SMOKE:-0}
 STAGES=${STAGES:-ABC}          # which stages to run (e.g. STAGES=BC)
+BENCHES=${BENCHES:-}           # stage C: only these benchmarks (e.g. "train_throughput_compiled"); empty: all
+SUMMARY_ARGS=${SUMMARY_ARGS:-} # gpu_summary.py's target, e.g. "--target-accuracy 0.99 --fid-factor 2" (mnist_best)
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_out}
 WORK=${WORK:-/tmp/gpu_work}
@@ -48,7 +51,7 @@ if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu; SITE="$WORK/site"; N_JOBS=2
   SWEEP_SCALE=(trainer.accelerator=cpu model=unet_tiny data.batch_size=16 trainer.limit_val_batches=1
                callbacks.sample_grid.per_class=1 callbacks.sample_grid.num_steps=2)
-  STEPS_A=3; GRID_A=(callbacks.ema.decay=0.99,0.995 condition.drop_prob=0.1)
+  STEPS_A=${STEPS_A:-3}; GRID_A=(callbacks.ema.decay=0.99,0.995 condition.drop_prob=0.1)
   EVAL_N=256; GUIDANCE="[2.0,3.0]"; GUIDANCE_B="[2.0]"; EVAL_EXTRA=(steps=2)
   GPU_TRAIN=(trainer.accelerator=cpu trainer.precision=32-true module.compile=false model=unet_tiny
              trainer.max_steps=3 data.batch_size=16 trainer.limit_val_batches=1 callbacks.sample_grid.per_class=1
@@ -71,7 +74,7 @@ else
   BENCH_COMPILE=1
 fi
 # Deadlines (seconds from the start): sweep training; sweep evals and B; the benchmarks end at BUDGET.
-T_SWEEP=$(( BUDGET * 50 / 100 )); T_EVAL=$(( BUDGET * 85 / 100 ))
+T_SWEEP=${T_SWEEP:-$(( BUDGET * 50 / 100 ))}; T_EVAL=${T_EVAL:-$(( BUDGET * 85 / 100 ))}
 
 # ---------------------------------------------------------------- setup
 stage "setup (SMOKE=$SMOKE, STAGES=$STAGES, budget ${BUDGET} s)"
@@ -123,11 +126,13 @@ evaluate() {  # evaluate <run folder> <out folder> <guidance> <deadline>: dlab-e
   (( rc == 0 )) || tail -3 "$1/eval.log"
 }
 running_evals() { local n=0 p; for p in "${EVAL_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done; echo "$n"; }
-pump_evals() {  # start dlab-eval on each finished, not yet evaluated job (at most EVAL_PAR at once)
-  local m d
-  for m in "$WORK"/sweep_*/*/metrics.json; do
-    [[ -f "$m" ]] || continue
-    d=$(dirname "$m")
+scorable_jobs() {  # sweep jobs with a checkpoint: finished, or stopped by the deadline (interrupted.ckpt)
+  local d
+  for d in "$WORK"/sweep_*/*/; do compgen -G "$d/checkpoints/*.ckpt" > /dev/null && echo "${d%/}"; done
+}
+pump_evals() {  # start dlab-eval on each scorable, not yet evaluated job (at most EVAL_PAR at once)
+  local d
+  for d in $(scorable_jobs); do
     [[ -n "${EVAL_STARTED[$d]:-}" ]] && continue
     (( $(running_evals) >= EVAL_PAR )) && return
     EVAL_STARTED[$d]=1
@@ -146,7 +151,7 @@ stage "A. sweep done; scoring its jobs (dlab-eval N=$EVAL_N guidance=$GUIDANCE, 
 (
   while (( $(elapsed) < T_EVAL )); do
     pump_evals
-    (( $(running_evals) == 0 )) && (( $(ls "$WORK"/sweep_a/*/metrics.json 2>/dev/null | wc -l) <= ${#EVAL_STARTED[@]} )) && break
+    (( $(running_evals) == 0 )) && (( $(scorable_jobs | wc -l) <= ${#EVAL_STARTED[@]} )) && break
     sleep 2
   done
   for p in "${EVAL_PIDS[@]}"; do wait "$p"; done
@@ -175,7 +180,7 @@ fi
 if [[ -n "${PID_EVAL_A:-}" ]]; then
   wait "$PID_EVAL_A"
   stage "A. summary and dlab-report"
-  "$PY" benchmarks/gpu_summary.py "$WORK"/sweep_a --out "$OUT/recipes.md" > /dev/null && cat "$OUT/recipes.md"
+  "$PY" benchmarks/gpu_summary.py "$WORK"/sweep_a $SUMMARY_ARGS --out "$OUT/recipes.md" > /dev/null && cat "$OUT/recipes.md"
   timeout 60 "$PY" -m diffusion_lab.report sweep="$WORK/sweep_a" out="$WORK/report_sweep_a" > "$WORK/report.log" 2>&1 \
     && cp "$WORK/report_sweep_a/report.md" "$OUT/report.md" || { echo "  report failed:"; tail -2 "$WORK/report.log"; }
 fi
@@ -186,6 +191,7 @@ if [[ "$STAGES" == *C* ]]; then
 bench() {  # bench <name> <script> <args...>: run a benchmark if its script exists
   local name=$1 script=$2; shift 2
   if [[ ! -f "$script" ]]; then echo "  (skip $name: no $script)"; return; fi
+  if [[ -n "$BENCHES" && " $BENCHES " != *" $name "* ]]; then echo "  (skip $name: not in BENCHES)"; return; fi
   echo "  [$(elapsed) s] $name: $script $*"
   timeout -k 10 "$(until_t "$BUDGET")" "$PY" "$script" "$@" > "$WORK/bench/$name.log" 2>&1
   local rc=$?
@@ -213,7 +219,7 @@ else
 fi
 # --- slot: training throughput with torch.compile, then eager (ours vs diffusers), then the loop compiled
 if (( BENCH_COMPILE )); then
-  bench train_throughput_compiled benchmarks/train_throughput.py "${BENCH[@]}" --compile --methods concat \
+  bench train_throughput_compiled benchmarks/train_throughput.py "${BENCH[@]}" --compile --methods concat_embed \
     --out "$WORK/bench/train_throughput_${DEVICE}_compiled.json"
 fi
 bench train_throughput benchmarks/train_throughput.py "${BENCH[@]}" --out "$WORK/bench/train_throughput_$DEVICE.json"

@@ -5,7 +5,7 @@
 Each job folder `<sweep>/<N>/` holds Hydra's `.hydra/overrides.yaml`, `metrics.json` (written by
 `dlab-train`) and, once `dlab-eval ckpt_path=<job> out=<job>/eval` has run, `eval/eval.json`; further
 evals of the same job (`out=<job>/eval_<anything>`, e.g. more guidance scales) are merged in. A job
-stopped by a signal (its `error.txt` names `interrupted.ckpt`) is listed as interrupted, not failed:
+stopped by a signal (its `error.txt` holds `Interrupted`'s message) is listed as interrupted, not failed:
 running the same command into the same folder resumes it. For each job this picks the guidance scale
 that meets the accuracy target with the lowest FID (else the most accurate one), prints one Markdown
 row, writes the table (`--out`) and a JSON twin, and adds the chosen
@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 
 import yaml
+
+from diffusion_lab.errors import Interrupted
 
 TARGET_ACCURACY = 0.97  # issue 10: >= 97% conditional accuracy ...
 TARGET_FID_FACTOR = 3.0  # ... and FID <= 3x the real-vs-real floor, at one guidance scale
@@ -44,7 +46,7 @@ def summarise_job(job: Path, target_acc: float, fid_factor: float) -> dict:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if (job / "error.txt").is_file():
         message = ((job / "error.txt").read_text().strip().splitlines() or [""])[0]
-        if "interrupted.ckpt" in message:  # a signal (a deadline, preemption): resumable, not broken
+        if Interrupted.describes(message):  # a signal (a deadline, preemption): resumable, not broken
             step = message.split(" at step ")[1].split(";")[0] if " at step " in message else "?"
             row["status"] = f"interrupted at step {step} (rerun into the same folder to resume)"
         else:

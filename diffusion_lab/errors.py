@@ -34,10 +34,19 @@ class DivergedError(UserError, FloatingPointError):
 class Interrupted(UserError):
     """Training stopped on a signal after saving a checkpoint; exits 128 + the signal number."""
 
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
+    def __init__(self, signum: int, step: int, checkpoint, resume_command: str):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}. "
+            f"Resume with: {resume_command}"
+        )
         self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+    @staticmethod
+    def describes(message: str) -> bool:
+        """Whether a job's error.txt line is this error's message: a resumable stop (a deadline, a
+        preemption), which sweep reports list as interrupted rather than failed."""
+        return message.startswith("stopped by SIG") and "Resume with: " in message
 
     @property
     def signal_name(self) -> str:

@@ -1,6 +1,7 @@
 """`dlab-eval`: a checkpoint -> FID / KID / conditional accuracy against guidance and sampling steps.
 
-Writes `eval.json`, `guidance.png` and `steps.png` to the run folder and logs them to the logger.
+Writes `eval.json`, `guidance.png` and (unless `steps_sweep.samplers=[]`) `steps.png` to the run folder
+and logs them to the logger.
 Every FID is reported with the real-vs-real floor at the same N (`fid_real_floor`).
 """
 
@@ -129,14 +130,15 @@ def run(cfg: DictConfig) -> dict:
     ax_acc.set(xlabel="guidance scale", ylabel="conditional accuracy", ylim=(0, 1.02))
     ax_fid.legend()
     save_figure(fig, out / "guidance.png", loggers)
-    fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name, rows in results["steps"].items():
-        plot_sweep(ax_fid, ax_acc, list(sweep.steps), list(rows.values()), name)
-    ax_fid.set(xlabel="sampling steps", ylabel="FID-MNIST", xscale="log", yscale="log",
-               title=f"N = {sweep.n}, guidance {sweep.guidance:g}")  # fmt: skip
-    ax_acc.set(xlabel="sampling steps", ylabel="conditional accuracy", xscale="log", ylim=(0, 1.02))
-    ax_fid.legend()
-    save_figure(fig, out / "steps.png", loggers)
+    if results["steps"]:  # `steps_sweep.samplers=[]` skips the sweep: no empty figure
+        fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for name, rows in results["steps"].items():
+            plot_sweep(ax_fid, ax_acc, list(sweep.steps), list(rows.values()), name)
+        ax_fid.set(xlabel="sampling steps", ylabel="FID-MNIST", xscale="log", yscale="log",
+                   title=f"N = {sweep.n}, guidance {sweep.guidance:g}")  # fmt: skip
+        ax_acc.set(xlabel="sampling steps", ylabel="conditional accuracy", xscale="log", ylim=(0, 1.02))
+        ax_fid.legend()
+        save_figure(fig, out / "steps.png", loggers)
 
     flat = {
         f"eval/{k}@g{s}": r[k]

@@ -9,8 +9,9 @@ holds `error.txt` (its one-line message, written by the entry wrapper, `diffusio
 run folder `report.md` and `report.csv` (one row per job: status, message, every override key, every
 metric) and `plots/<metric>.png`: bars per job labelled by the overrides that vary, or, when exactly two
 keys vary (e.g. conditioning × schedule), bars grouped by the first key and coloured by the second.
-A job's status is `failed` (error.txt), `nan` (a metric is NaN or infinite), `ok`, or `missing` (no
-metrics.json: still running, or killed without a trace).
+A job's status is `ok`, `interrupted` (stopped by a signal after saving `interrupted.ckpt`: running the
+same command into the same folder resumes it), `failed` (any other error.txt), `nan` (a metric is NaN or
+infinite), or `missing` (no metrics.json: still running, or killed without a trace).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import yaml
 from omegaconf import DictConfig
 
 from diffusion_lab.cli import hydra_app
-from diffusion_lab.errors import ConfigError, DataError
+from diffusion_lab.errors import ConfigError, DataError, Interrupted
 from diffusion_lab.utils import checks
 
-STATUSES = ("ok", "failed", "nan", "missing")
+STATUSES = ("ok", "interrupted", "failed", "nan", "missing")
 EXAMPLE = "sweep=outputs/train/multiruns/<time>"
 CELL_WIDTH = 80  # longer Markdown cells (error messages) are cut; report.csv keeps them whole
 
@@ -45,7 +46,7 @@ class Job:
     @property
     def status(self) -> str:
         if self.error is not None:
-            return "failed"
+            return "interrupted" if Interrupted.describes(self.error) else "failed"
         if self.metrics is None:
             return "missing"
         return "nan" if self.non_finite else "ok"
@@ -146,7 +147,7 @@ def table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
 
 
 def summary(jobs: list[Job]) -> str:
-    """`4 jobs: 1 ok, 1 failed, 1 nan, 1 missing`."""
+    """`5 jobs: 1 ok, 1 interrupted, 1 failed, 1 nan, 1 missing`."""
     counts = Counter(j.status for j in jobs)
     return f"{len(jobs)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
 

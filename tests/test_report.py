@@ -7,13 +7,14 @@ import csv
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from diffusion_lab import report
-from diffusion_lab.errors import DataError
+from diffusion_lab.errors import DataError, Interrupted
 from tests.conftest import run_cli
 
 
@@ -38,11 +39,14 @@ LONG_ERROR = "training diverged at step 12: the loss is nan. " + "Lower optimize
 
 
 def fake_sweep(root: Path) -> Path:
-    """Four jobs, one of each status: ok, failed (error.txt), nan (a non-finite metric), missing."""
+    """Five jobs, one of each status: ok, failed (error.txt), nan (a non-finite metric), missing, and
+    interrupted (the error.txt line that a run stopped by SIGTERM leaves)."""
     make_job(root, 0, ["conditioning=adaln", "schedule=linear"], {"val/loss": 0.03, "fid": 12.3})
     make_job(root, 1, ["conditioning=cross_attn", "schedule=linear"], None, error=LONG_ERROR)
     make_job(root, 2, ["conditioning=concat", "schedule=cosine"], {"val/loss": math.nan, "fid": 20.0})
     make_job(root, 3, ["conditioning=none", "schedule=cosine"], None)  # still running, or killed
+    stopped = Interrupted(signal.SIGTERM, 120, root / "4/checkpoints/interrupted.ckpt", "dlab-train seed=4")
+    make_job(root, 4, ["conditioning=concat", "schedule=linear"], None, error=str(stopped))
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -57,13 +61,17 @@ def test_fake_multirun_marks_every_status(tmp_path):
     assert f"| 1 | failed | {LONG_ERROR[:79]}… | cross_attn | linear | — | — |" in printed  # cut to 80
     assert "| 2 | nan | not finite: val/loss | concat | cosine | 20 | nan |" in printed
     assert "| 3 | missing | — | none | cosine | — | — |" in printed
-    assert "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing" in printed
+    assert "| 4 | interrupted | stopped by SIGTERM at step 120; saved " in printed
+    assert "5 jobs: 1 ok, 1 interrupted, 1 failed, 1 nan, 1 missing" in printed
     assert f"wrote report.md, report.csv and 2 plot(s) to {out}" in printed
     md = (out / "report.md").read_text()
-    assert printed.split("\n\n4 jobs")[0] in md and "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing" in md
+    assert (
+        printed.split("\n\n5 jobs")[0] in md
+        and "5 jobs: 1 ok, 1 interrupted, 1 failed, 1 nan, 1 missing" in md
+    )
 
     rows = read_csv(out / "report.csv")
-    assert [r["status"] for r in rows] == ["ok", "failed", "nan", "missing"]  # jobs 0 to 3
+    assert [r["status"] for r in rows] == ["ok", "failed", "nan", "missing", "interrupted"]  # jobs 0 to 4
     assert rows[1]["message"] == LONG_ERROR.strip()  # whole in the CSV
     assert rows[0] == {"job": "0", "status": "ok", "message": "", "conditioning": "adaln", "schedule": "linear",
                        "fid": "12.3", "val/loss": "0.03"}  # fmt: skip
@@ -74,8 +82,8 @@ def test_fake_multirun_marks_every_status(tmp_path):
 
 def test_nan_metrics_are_not_plotted(tmp_path):
     jobs = report.load_jobs(fake_sweep(tmp_path / "sweep"))
-    assert [j.status for j in jobs] == ["ok", "failed", "nan", "missing"]
-    assert report.summary(jobs) == "4 jobs: 1 ok, 1 failed, 1 nan, 1 missing"
+    assert [j.status for j in jobs] == ["ok", "failed", "nan", "missing", "interrupted"]
+    assert report.summary(jobs) == "5 jobs: 1 ok, 1 interrupted, 1 failed, 1 nan, 1 missing"
     assert [j.name for j in report.finite_jobs(jobs, "val/loss")] == ["0"]  # job 2's NaN gets no bar
     assert [j.name for j in report.finite_jobs(jobs, "fid")] == ["0", "2"]
     make_job(tmp_path / "all_nan", 0, ["seed=0"], {"val/loss": math.inf})
@@ -146,4 +154,4 @@ def test_real_tiny_multirun(tmp_path):
     ]
     assert all(float(r["val/loss"]) > 0 for r in rows)
     assert "| 0 | ok | — | tiny |" in result.stdout and (out / "plots" / "val_loss.png").is_file()
-    assert "2 jobs: 2 ok, 0 failed, 0 nan, 0 missing" in result.stdout
+    assert "2 jobs: 2 ok, 0 interrupted, 0 failed, 0 nan, 0 missing" in result.stdout

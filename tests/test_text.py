@@ -88,6 +88,7 @@ def test_dlab_eval_of_a_text_model_reports_caption_fidelity(text_run, captioned_
     assert set(row["attribute_agreement"]) == {"thickness", "slant", "width"}
     assert all(0.0 <= v <= 1.0 for v in row["attribute_agreement"].values())
     assert row["fid"] > row["fid_real_floor"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+    assert (tmp_path / "eval" / "guidance.png").is_file() and not (tmp_path / "eval" / "steps.png").exists()
 
 
 def test_trajectory_of_a_text_model_takes_prompts(text_run, tmp_path):

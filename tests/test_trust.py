@@ -16,6 +16,7 @@ import pytest
 import tomllib
 import torch
 
+from diffusion_lab import report
 from diffusion_lab.utils.checkpoints import find_checkpoint
 from tests.conftest import BIN_DIR, ROOT, run_cli, start_training, user_env
 
@@ -198,6 +199,7 @@ def test_sigterm_saves_a_checkpoint_that_last_and_the_run_folder_find(tmp_path):
     (run_dir,) = (tmp_path / "outputs" / "debug" / "runs").iterdir()
     ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
     assert "stopped by SIGTERM at step" in stderr and str(ckpt) in stderr and "Traceback" not in stderr
+    assert report.load_jobs(run_dir.parent)[0].status == "interrupted"  # dlab-report: not "failed"
     assert find_checkpoint(str(run_dir), "unused") == ckpt
     assert find_checkpoint("last", run_dir.parent) == ckpt
     step = torch.load(ckpt, weights_only=False)["global_step"]

@@ -108,11 +108,7 @@ class Preemption(Checkpoint):
             verify_checkpoint(path)
             if signum in self.requeue_signals:
                 requeue_slurm_job()
-        raise Interrupted(
-            signum,
-            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; saved {path}. "
-            f"Resume with: {resume_command(self.dirpath.parent)}",
-        )
+        raise Interrupted(signum, trainer.global_step, path, resume_command(self.dirpath.parent))
 
 
 def resume_command(run_dir: Path) -> str:

@@ -20,7 +20,8 @@
 #      checkpoints/interrupted.ckpt, which is scored as it stands; the same command into the same folder
 #      resumes it. GRID_A may name another experiment, e.g. "experiment=mnist_best model=a,b".
 #   B. one `experiment=mnist_gpu` training (bf16-mixed, batch 256, torch.compile; GPU_STEPS steps),
-#      then dlab-eval at GUIDANCE_B: the GPU recipe's quality (experiment=mnist_best is the CPU's).
+#      then dlab-eval at GUIDANCE_B: the bf16, compiled recipe's quality (not yet measured; the fp32
+#      experiment=mnist_best was measured through stage A, benchmarks/README.md ## Recipe).
 #   C. the speed benchmarks, bf16: loop overhead, then (time allowing) training throughput compiled,
 #      sampling.
 set -uo pipefail

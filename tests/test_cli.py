@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 
@@ -77,6 +78,7 @@ def test_dlab_sample_writes_the_npz_contract(tiny_run, tmp_path):
         assert data["images"].dtype == np.uint8 and data["images"].shape == (24, 1, 28, 28)
         assert data["labels"].tolist() == (list(range(10)) + [0, 1]) * 2
         assert data["guidance"].tolist() == [0.0] * 12 + [2.0] * 12
+        assert data["guidance_interval"].tolist() == [0.0, math.inf]  # no interval: every step guided
     assert (out / "samples.png").stat().st_size > 0
 
 

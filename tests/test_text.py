@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -63,12 +64,14 @@ def text_run(captioned_mnist, tmp_path_factory):
 def test_dlab_sample_with_prompts_writes_the_npz(text_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("a thick seven\n\ndigit 1, thin strokes\n")
     args = ["n=4", "steps=2", "guidance=[1,2]", f"ckpt_path={text_run}"]
-    result = run_cli("dlab-sample", *args, "prompts_file=prompts.txt", "out=samples", cwd=tmp_path)
+    interval = "guidance_interval=[0.5,inf]"
+    result = run_cli("dlab-sample", *args, interval, "prompts_file=prompts.txt", "out=samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(tmp_path / "samples" / "samples.npz") as data:
         assert data["images"].shape == (8, 1, 28, 28) and "labels" not in data
         assert data["prompts"].tolist() == ["a thick seven", "digit 1, thin strokes"] * 4
         assert data["guidance"].tolist() == [1.0] * 4 + [2.0] * 4
+        assert data["guidance_interval"].tolist() == [0.5, math.inf]
     wrong = run_cli("dlab-sample", *args, "labels=[3]", cwd=tmp_path)
     assert wrong.returncode == 2 and "this is a caption model" in wrong.stderr
 

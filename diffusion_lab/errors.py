@@ -47,7 +47,3 @@ class Interrupted(UserError):
         """Whether a job's error.txt line is this error's message: a resumable stop (a deadline, a
         preemption), which sweep reports list as interrupted rather than failed."""
         return message.startswith("stopped by SIG") and "Resume with: " in message
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name

@@ -98,10 +98,9 @@ def run(cfg: DictConfig) -> dict:
     # ---------------------------------------------------------------- guidance sweep
     sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
     results["sampler"] = {"name": type(sampler).__name__, "steps": sampler.num_steps}
-    interval = checks.guidance_interval(cfg)  # JSON has no infinity: an open upper bound is written "inf"
-    results["guidance_interval"] = (
-        None if interval is None else [b if math.isfinite(b) else "inf" for b in interval]
-    )
+    interval = checks.guidance_interval(cfg) or checks.EVERY_STEP
+    # JSON has no infinity: an open upper bound is written "inf".
+    results["guidance_interval"] = [b if math.isfinite(b) else "inf" for b in interval]
     results["guidance"] = {}
     for scale in checks.guidance_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
         results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)

@@ -7,7 +7,6 @@ A class model samples `labels` (default: balanced over its classes); a caption m
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ def run(cfg: DictConfig) -> Path:
         out / "samples.npz",
         images=images.numpy(),
         guidance=np.repeat(np.asarray(scales, dtype=np.float32), n),
-        guidance_interval=np.asarray(interval or (0.0, math.inf), dtype=np.float32),  # (0, inf): every step
+        guidance_interval=np.asarray(interval or checks.EVERY_STEP, dtype=np.float32),
         **{key: recorded},
     )
     # One block of rows per guidance scale; a row of each distinct label or prompt when they cycle.

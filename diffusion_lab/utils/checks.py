@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
             f"{key}={cfg.get(key)!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3]"
         )
     return [float(s) for s in scales]
+
+
+# The interval that `guidance_interval=null` stands for (every step guided), as samples.npz and eval.json record it.
+EVERY_STEP = (0.0, math.inf)
 
 
 def guidance_interval(cfg: DictConfig, key: str = "guidance_interval") -> tuple[float, float] | None:

@@ -6,9 +6,12 @@ folder of .tar files. Without data.val_root the first shard (sorted) is held out
 
 Counting, and the eager checks: at setup every local shard's tar headers are read (no image is
 decoded; a few header reads per sample). That gives the sample count the epoch length needs, and
-finds shards that are truncated or unreadable and keys without an image or a txt, so `raise` fails
-before training and `skip` leaves them out. `data.num_samples` skips the listing of the train
-shards (remote or huge ones) and trusts the number. Caption text and image bytes are checked lazily
+finds shards that are unreadable and keys without an image or a txt, so `raise` fails before
+training and `skip` leaves them out. A shard cut short (no end-of-archive marker after its last
+file, or that file cut) is a DataError naming it and the byte where it ends under `raise`; under
+`skip` it is listed with the sample the cut runs through, and its complete samples are used.
+`data.num_samples` skips the listing of the train shards (remote or huge ones) and trusts the
+number, so a cut in those shards goes unseen. Caption text and image bytes are checked lazily
 as the stream decodes them; `skip` drops the sample and the next good one takes its place.
 
 DDP: train shards are split by rank and then by worker (as webdataset's `split_by_node` and
@@ -25,6 +28,7 @@ A mid-epoch resume starts the epoch's stream afresh: an IterableDataset has no s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
@@ -48,6 +52,7 @@ class Shards(NamedTuple):
     urls: list[str]
     num_samples: int
     bad: BadSamples
+    cut: frozenset[str] = frozenset()  # shards found truncated at setup (their complete samples are used)
 
 
 def shard_urls(root: str, key: str) -> list[str]:
@@ -63,37 +68,83 @@ def shard_urls(root: str, key: str) -> list[str]:
     return urls
 
 
-def count_samples(url: str, bad: BadSamples) -> int | None:
-    """Good samples in one shard, from its tar headers; None for a shard left out under skip."""
-    try:
-        with tarfile.open(url) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-        if members and members[-1].offset_data + members[-1].size > Path(url).stat().st_size:
-            raise tarfile.ReadError("truncated: its last file ends past the end of the shard")
-    except (tarfile.TarError, OSError) as err:
-        bad.fail(url, BadSample(f"is not a readable tar shard ({err})"))
-        return None
-    keys: dict[str, set[str]] = {}  # grouped the way webdataset groups a tar's files into samples
+class Listing(NamedTuple):
+    samples: dict[str, set[str]]  # key -> file extensions, in tar order, grouped as webdataset groups them
+    cut: str | None  # where the shard is cut short ("at byte N, after <file>"); None when it is whole
+    lost: str | None  # the key of the sample the cut runs through, when the tar shows one
+
+
+def read_listing(url: str) -> Listing:
+    """A shard's samples from its tar headers, and where it is cut short.
+
+    tarfile stops without a word where a shard is cut between two members, and so does webdataset's
+    stream, so a shard counts as whole only when its last member's data is all there and the
+    end-of-archive marker (a zero block) follows it. Raises tarfile.ReadError when not even the first
+    header can be read.
+    """
+    size = Path(url).stat().st_size
+    members = []
+    with tarfile.open(url) as tar, contextlib.suppress(tarfile.ReadError):
+        members.extend(tar)  # up to a header or data cut short: the checks below say where
+    samples: dict[str, set[str]] = {}
     for member in members:
         key, ext = base_plus_ext(member.name)
-        if key is not None:
-            keys.setdefault(key, set()).add(ext.lower())
+        if key is not None and member.isfile():
+            samples.setdefault(key, set()).add(ext.lower())
+    if not members:
+        return Listing(samples, None, None)
+    last = members[-1]
+    end = last.offset_data + last.size
+    if end > size:
+        cut = f"at byte {size}, inside {last.name} (whose data ends at byte {end})"
+    else:
+        with open(url, "rb") as f:
+            f.seek(end + -end % tarfile.BLOCKSIZE)  # file data is padded to whole blocks
+            whole = f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+        cut = None if whole else f"at byte {size}, after {last.name}"
+    # The cut runs through the last sample when one of its files is cut short or missing: it is lost.
+    final = next(reversed(samples), None)
+    files = samples.get(final, set())
+    whole_sample = end <= size and bool(files & set(IMAGE_EXTS)) and "txt" in files
+    return Listing(samples, cut, final if cut and final and not whole_sample else None)
+
+
+def count_samples(url: str, bad: BadSamples) -> tuple[int | None, bool]:
+    """(good samples in one shard, from its tar headers, or None for a shard left out under skip;
+    whether it is cut short). A cut shard's complete samples count; the one the cut runs through is lost."""
+    try:
+        samples, cut, lost = read_listing(url)
+    except (tarfile.TarError, OSError) as err:
+        bad.fail(url, BadSample(f"is not a readable tar shard ({err})"))
+        return None, False
+    if cut:
+        bad.fail(url, BadSample(
+            f"is truncated {cut}, before the tar's end-of-archive marker: the samples after the cut are "
+            "lost, how many the tar cannot tell"
+        ))  # fmt: skip
     good = 0
-    for key, exts in keys.items():
-        if not exts & set(IMAGE_EXTS):
+    for key, exts in samples.items():
+        if key == lost:
+            bad.fail(f"{url}:{key}", BadSample(f"is lost: the shard is cut {cut}"))
+        elif not exts & set(IMAGE_EXTS):
             bad.fail(f"{url}:{key}", BadSample(f"has no image ({'/'.join(IMAGE_EXTS)}) in the shard"))
         elif "txt" not in exts:
             bad.fail(f"{url}:{key}", BadSample("has no txt caption in the shard"))
         else:
             good += 1
-    return good
+    return good, bool(cut)
 
 
 def counted(urls: list[str], bad: BadSamples, num_samples: int | None = None) -> Shards:
     if num_samples is not None:
         return Shards(urls, num_samples, bad)
     counts = {url: count_samples(url, bad) for url in urls}
-    return Shards([u for u, n in counts.items() if n is not None], sum(n or 0 for n in counts.values()), bad)
+    return Shards(
+        [u for u, (n, _) in counts.items() if n is not None],
+        sum(n or 0 for n, _ in counts.values()),
+        bad,
+        frozenset(u for u, (_, cut) in counts.items() if cut),
+    )
 
 
 def setup(hp, bad: BadSamples) -> tuple[Shards, Shards]:
@@ -133,6 +184,20 @@ class Decode:
                 continue
             item["_bad"], skipped = skipped, []
             yield item
+
+
+class EndAtCut:
+    """webdataset's exception handler: a tar error in a shard found truncated at setup (listed there
+    under skip) ends that shard's stream, keeping its complete samples; any other error is raised."""
+
+    def __init__(self, cut: frozenset[str]):
+        self.cut = cut
+
+    def __call__(self, exn: Exception) -> bool:
+        # webdataset calls this again with the shard's url appended to the args when the tar is done.
+        if isinstance(exn, tarfile.TarError) and exn.args and exn.args[-1] in self.cut:
+            return True
+        raise exn
 
 
 class ByRank:
@@ -193,12 +258,14 @@ def loader(shards: Shards, train: bool, world: int, rank: int, hp) -> EvalLoader
         data = wds.WebDataset(
             shards.urls, nodesplitter=ByRank(rank, world), workersplitter=wds.split_by_worker,
             shardshuffle=len(shards.urls), detshuffle=True, seed=hp.split_seed, empty_check=False,
+            handler=EndAtCut(shards.cut),
         ).compose(wds.detshuffle(hp.shuffle_buffer, seed=hp.split_seed))  # fmt: skip
     else:
         per_stream = math.ceil(shards.num_samples / (world * streams) / batch) * batch
         data = wds.WebDataset(
-            shards.urls, nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False
-        ).compose(ByRank(rank, world), by_worker_samples)
+            shards.urls, nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False,
+            handler=EndAtCut(shards.cut),
+        ).compose(ByRank(rank, world), by_worker_samples)  # fmt: skip
     if per_stream == 0:  # with_epoch(0) would mean "no limit"
         raise DataError(f"{shards.urls} hold no usable samples: see the bad samples logged above.")
     # Repeat each stream and cut it at the same length everywhere: equal batch counts on every rank.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
 from diffusion_lab.data.captions import CaptionedImageDataModule
+from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError, DataError
+from tests.conftest import DATA_DIR
 
 COLOUR = (200, 40, 40)  # the picture's centre; PIL "L" makes it round(0.299 R + 0.587 G + 0.114 B) = 88
 
@@ -415,7 +418,77 @@ def test_webdataset_bad_samples_raise_or_are_skipped(tmp_path):
     lazy = make_shards(tmp_path / "lazy", [8], bad=bad[:1])
     with pytest.raises(DataError, match=r"lazy/s0000.tar:broken is not a readable image"):
         drain(module(lazy[0], val_root=shards[1]))
-    # a truncated shard is found at setup
-    Path(shards[1]).write_bytes(Path(shards[1]).read_bytes()[:3000])
-    with pytest.raises(DataError, match=r"s0001.tar is not a readable tar shard"):
-        module(f"{tmp_path}/s/s{{0000..0001}}.tar")
+
+
+# --- truncated shards -----------------------------------------------------------------------------
+
+
+def digit_shards(folder: Path, n=10) -> list[Path]:
+    """Three shards of n real MNIST test digits each, written with tarfile: per sample `<key>.png` then
+    `<key>.txt` ("digit <label> #<index>"), keys "<shard>-<index>"."""
+    digits, labels = load_split(DATA_DIR, train=False)
+    folder.mkdir(parents=True)
+    paths = []
+    for s in range(3):
+        paths.append(folder / f"{s:05d}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for i in range(s * n, (s + 1) * n):
+                buf = io.BytesIO()
+                Image.fromarray(digits[i, 0].numpy()).save(buf, "PNG")
+                for name, data in (
+                    (f"{s}-{i:03d}.png", buf.getvalue()),
+                    (f"{s}-{i:03d}.txt", f"digit {labels[i]} #{i}".encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return paths
+
+
+def cut_at(shard: Path, where: str) -> tuple[int, str | None]:
+    """Cut `shard` in the 8th of its 10 samples (index 7); (the byte it now ends at, the key lost with
+    the cut, or None where the tar cannot show one: a cut between samples)."""
+    members = tarfile.open(shard).getmembers()
+    png, txt = members[14], members[15]  # sample 7's two files
+    cut, lost = {
+        "between samples": (png.offset, None),
+        "inside a header": (png.offset + 100, None),
+        "between a sample's files": (txt.offset, png.name[:-4]),
+        "inside a file's data": (png.offset_data + png.size // 2, png.name[:-4]),
+        "inside its last file's data": (txt.offset_data + 3, png.name[:-4]),
+    }[where]
+    shard.write_bytes(shard.read_bytes()[:cut])
+    return cut, lost
+
+
+CUTS = [
+    "between samples",
+    "inside a header",
+    "between a sample's files",
+    "inside a file's data",
+    "inside its last file's data",
+]
+
+
+@pytest.mark.parametrize("where", CUTS)
+def test_truncated_shard_raises_naming_the_byte_or_is_skipped_and_listed(tmp_path, where):
+    """Shard 00001 cut in its 8th sample: tarfile and webdataset read 7 samples from it without a word."""
+    shards = digit_shards(tmp_path / "s")
+    cut, lost = cut_at(shards[1], where)
+    with pytest.raises(DataError, match=rf"00001.tar is truncated at byte {cut}\b.*on_bad_sample=skip"):
+        module(str(tmp_path / "s"))  # the first shard is held out for validation
+    # Under skip the cut shard is read first for validation (its stream must go on to the next shard)
+    # and among the train shards; every complete sample is read once.
+    val_root = f"{tmp_path}/s/{{00001..00002}}.tar"
+    run = fake_trainer(tmp_path / "run")
+    dm = module(str(tmp_path / "s"), run, on_bad_sample="skip", val_root=val_root, batch_size=1)
+    assert dm.val_set.num_samples == 17  # the complete samples: 7 before the cut, and shard 00002's 10
+    labels = load_split(DATA_DIR, train=False)[1]
+    kept = [f"digit {labels[i]} #{i}" for i in [*range(10, 17), *range(20, 30)]]
+    first = [f"digit {labels[i]} #{i}" for i in range(10)]
+    captions = drain(dm)
+    assert captions[:17] == kept and sorted(captions[17:]) == sorted(first + kept)
+    listed = (tmp_path / "run" / "bad_samples.txt").read_text().splitlines()
+    assert listed == dm.bad_samples and listed[0].startswith(f"{shards[1]}: is truncated at byte {cut}")
+    lost_line = f"{shards[1]}:{lost}: is lost: the shard is cut at byte {cut}"
+    assert [line[: len(lost_line)] for line in listed[1:]] == ([lost_line] if lost else [])

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError, DivergedError
-from diffusion_lab.utils.checkpoints import find_checkpoint, newest_checkpoint, read_checkpoint
+from diffusion_lab.utils.checkpoints import find_checkpoint, newest_checkpoint, picked_line, read_checkpoint
 from diffusion_lab.utils.cluster import check_ranks_agree, ddp_ranks_join_their_job, one_ddp_group_per_job
 from diffusion_lab.utils.instantiate import build, build_module
 from diffusion_lab.utils.resume import check_resume_config
@@ -43,7 +43,9 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     `ckpt_path=`, else the newest checkpoint already in the run folder (a fixed `out=` or
     hydra.run.dir run again, a requeued cluster job)."""
     if cfg.get("ckpt_path"):
-        path = find_checkpoint(str(cfg.ckpt_path), f"{cfg.paths.log_dir}/{cfg.task_name}/runs")
+        runs_dir = f"{cfg.paths.log_dir}/{cfg.task_name}/runs"
+        path = find_checkpoint(str(cfg.ckpt_path), runs_dir)
+        log.info(picked_line(str(cfg.ckpt_path), path, runs_dir))
     else:
         path = newest_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
         if path is None:

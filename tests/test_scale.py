@@ -66,6 +66,7 @@ def test_multirun_of_ddp_jobs_makes_one_sweep_with_one_folder_per_job(tmp_path):
         ]
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert [p.name for p in (sweep / job).glob("*.log")] == ["train.log"]  # rank 0's log only
+    assert not list(sweep.rglob("run.lock"))  # rank 0 of each job held its folder's lock, and let it go
     # Each job's two ranks end with identical weights; the two jobs (seeds 1 and 2) differ.
     digests = re.findall(r"rank (\d): parameters sha256 (\w+)", result.stdout)
     assert sorted(r for r, _ in digests) == ["0", "0", "1", "1"]

@@ -8,16 +8,17 @@
 - webdataset: tar shards as img2dataset writes them (jpg/png/webp + txt); see webdataset_shards.py.
 `auto` picks imagefolder for a metadata file or a folder that holds one, or whose `train/` does (then
 `val/` or `validation/` beside it is the default val_root: dlab-make-captions' layout); webdataset
-for a brace pattern, a .tar path or a folder of .tar files. Images are converted to PIL `L`/`RGB`
-(data.channels), resized on the shorter side and centre-cropped to data.image_size.
+for a brace pattern, a .tar path or a folder of .tar files; any other file is a DataError. Images
+are converted to PIL `L`/`RGB` (data.channels), resized on the shorter side and centre-cropped to
+data.image_size. Metadata is read as UTF-8, a leading byte-order mark (spreadsheet CSV) dropped.
 
 Validation is data.val_root when set; otherwise a seeded holdout of data.val_size rows (imagefolder)
 or the first shard (webdataset).
 
 Bad samples (data.on_bad_sample): `raise` stops with a DataError naming the file (and metadata line);
 `skip` leaves the sample out, logs a summary per pass and writes `<run folder>/bad_samples.txt`.
-Metadata rows (missing file, missing/empty caption, unparsable line) are checked eagerly at setup, so
-both policies act before training. Image bytes are checked when decoded: at setup when the folder is
+Metadata rows (missing file, missing/empty caption or one that is not text, unparsable line) are
+checked eagerly at setup, so both policies act before training. Image bytes are checked when decoded: at setup when the folder is
 held in memory (data.in_memory; `auto` below 100k images and 1 GiB), else lazily in the loader, where
 `skip` replaces a bad image with the next good index. A caption column that no row has is a
 ConfigError at setup under both policies.
@@ -50,7 +51,9 @@ from diffusion_lab.utils.images import to_model_range
 
 log = logging.getLogger("diffusion_lab")
 METADATA = ("metadata.jsonl", "metadata.csv")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what tarfile (so webdataset) reads as a shard
 IN_MEMORY_MAX = (100_000, 2**30)  # data.in_memory=auto: at most this many images and decoded bytes
+JSON_TYPES = {int: "a number", float: "a number", bool: "true/false", dict: "an object"}
 SKIP_HINT = "Fix or remove it, or set data.on_bad_sample=skip to leave bad samples out."
 
 
@@ -74,6 +77,13 @@ def load_image(src, size: int, mode: str) -> torch.Tensor:
 def caption_list(value) -> list[str]:
     """A caption cell as a non-empty list of non-empty strings."""
     items = value if isinstance(value, list) else [value]
+    not_text = next((c for c in items if c is not None and not isinstance(c, str)), None)
+    if not_text is not None:
+        kind = "a list" if isinstance(not_text, list) else JSON_TYPES.get(type(not_text), "not a string")
+        raise BadSample(
+            f"has a caption that is not text ({json.dumps(not_text)} is {kind}): a caption is a string in "
+            "quotes, or a list of them"
+        )
     if not items or not all(isinstance(c, str) and c.strip() for c in items):
         raise BadSample(f"has an empty or missing caption ({json.dumps(value)})")
     return [c.strip() for c in items]
@@ -134,12 +144,13 @@ def read_metadata(meta: Path) -> tuple[list[str], list[tuple[int, dict | BadSamp
     """(columns, [(line number, row or the reason it cannot be read)]) of a metadata.jsonl/.csv."""
     try:
         if meta.suffix == ".csv":
-            with meta.open(newline="", encoding="utf-8") as f:
+            # utf-8-sig: spreadsheet programs start their CSV with a byte-order mark, which is no column name.
+            with meta.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 rows = [(reader.line_num, row) for row in reader]  # line_num: the row's (last) line
             return list(reader.fieldnames or []), rows
         columns, rows = {}, []
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -285,7 +296,15 @@ def detect_format(root: str) -> str:
     """`imagefolder` or `webdataset` from what data.root points at (see the module docstring)."""
     path = Path(root).expanduser()
     if path.is_file():
-        return "imagefolder" if path.name in METADATA else "webdataset"
+        if path.name in METADATA:
+            return "imagefolder"
+        if path.name.endswith(SHARD_SUFFIXES):
+            return "webdataset"
+        raise DataError(
+            f"data.root={root!r} is a file but neither {' nor '.join(METADATA)} nor a .tar shard. Point "
+            "data.root at a folder (an imagefolder with a metadata file, or .tar shards), at its metadata "
+            "file, or at shards like <dir>/{00000..00009}.tar."
+        )
     if path.is_dir():
         if any((path / m).is_file() or (path / "train" / m).is_file() for m in METADATA):
             return "imagefolder"

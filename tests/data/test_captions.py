@@ -107,9 +107,28 @@ def test_batches_follow_the_contract(tmp_path, channels, size):
     assert (image[:, :, 0, size // 2] < -0.5).all()
 
 
-def test_csv_metadata_reads_like_jsonl(tmp_path):
-    dm = module(make_folder(tmp_path / "f", fmt="csv"), val_size=0)
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_csv_metadata_reads_like_jsonl(tmp_path, fmt, bom):
+    """Also when it starts with a UTF-8 byte-order mark, as spreadsheet programs write CSV."""
+    folder = make_folder(tmp_path / "f", fmt=fmt)
+    meta = folder / f"metadata.{fmt}"
+    meta.write_text(("\ufeff" if bom else "") + meta.read_text(), encoding="utf-8")
+    dm = module(folder, val_size=0)
     assert sorted(drain(dm)) == sorted(f"good {i}" for i in range(20))
+
+
+def test_a_caption_that_is_not_text_is_named_with_its_type(tmp_path):
+    folder = make_folder(tmp_path / "f", n=4)
+    cases = [(5, "5 is a number"), (True, "true is true/false"), (["a", 2.5], "2.5 is a number")]
+    cases += [({"en": "a 3"}, '{"en": "a 3"} is an object'), ([["a 3"]], '["a 3"] is a list')]
+    append_rows(folder, [{"file_name": "img/00.png", "text": value} for value, _ in cases])
+    dm = module(folder, fake_trainer(tmp_path / "run"), on_bad_sample="skip", val_size=0)
+    assert dm.bad_samples == [
+        f"{folder / 'img/00.png'} (metadata.jsonl:{line}): has a caption that is not text ({what}): a "
+        "caption is a string in quotes, or a list of them"
+        for line, (_, what) in enumerate(cases, 5)
+    ]
 
 
 def test_list_caption_is_sampled_in_training_and_first_in_validation(tmp_path):
@@ -145,6 +164,7 @@ def bad_case(folder: Path, case: str) -> tuple[dict | str, str]:
     if case == "not_json":
         return '{"file_name": "img/bad.png", "text": ', "metadata.jsonl:21"
     caption = {
+        "number": {"text": 5},
         "empty_string": {"text": "  "},
         "empty_list": {"text": []},
         "null": {"text": None},
@@ -163,6 +183,7 @@ CASES = [
     "not_an_image",
     "missing_file",
     "not_json",
+    "number",
     "empty_string",
     "empty_list",
     "null",
@@ -229,8 +250,8 @@ def test_every_bad_case_at_once_is_counted_exactly(tmp_path, caplog, workers):
         captions = drain(dm)
     assert all(c.startswith("good ") for c in captions)
     assert len(dm.bad_samples) == len(CASES)
-    assert "8 bad sample(s) left out (after a train pass)" in caplog.text
-    assert len((tmp_path / "run" / "bad_samples.txt").read_text().splitlines()) == 8
+    assert f"{len(CASES)} bad sample(s) left out (after a train pass)" in caplog.text
+    assert len((tmp_path / "run" / "bad_samples.txt").read_text().splitlines()) == len(CASES)
 
 
 def test_wrong_caption_column_lists_the_columns_under_both_policies(tmp_path):
@@ -289,6 +310,7 @@ def test_format_detection_and_missing_roots(tmp_path):
     for root, message in [
         (tmp_path / "nothing", "does not exist"),
         (tmp_path / "empty", "holds neither metadata.jsonl nor metadata.csv"),
+        (folder / "img/00.png", "is a file but neither metadata.jsonl nor metadata.csv nor a .tar shard"),
         (f"{tmp_path}/s/s{{0000..0009}}.tar", "s0003.tar, which does not exist"),
     ]:
         with pytest.raises(DataError, match=message):

@@ -11,6 +11,7 @@ class UserError(Exception):
     """A known mistake or condition: bad input, a missing or broken file, a diverged run."""
 
     exit_code = 1
+    step: int | None = None  # the global step training stopped at, where known (a run's status.json)
 
 
 class ConfigError(UserError, ValueError):
@@ -30,6 +31,10 @@ class DataError(UserError, FileNotFoundError):
 class DivergedError(UserError, FloatingPointError):
     """Training produced a non-finite loss or gradient."""
 
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
 
 class Interrupted(UserError):
     """Training stopped on a signal after saving a checkpoint; exits 128 + the signal number."""
@@ -40,6 +45,7 @@ class Interrupted(UserError):
             f"Resume with: {resume_command}"
         )
         self.signum = signum
+        self.step = step
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
     @staticmethod

@@ -101,7 +101,8 @@ class DiffusionModule(L.LightningModule):
             raise DivergedError(
                 f"training diverged at step {self.global_step}: loss {self._step_loss.item():.4g}, "
                 f"gradient norm {grad_norm.item():.4g}. The weights of this step were not applied or saved. "
-                f"Lower optimizer.lr (the learning rate was {lr:.3g}) or lengthen lr_scheduler.warmup_steps."
+                f"Lower optimizer.lr (the learning rate was {lr:.3g}) or lengthen lr_scheduler.warmup_steps.",
+                step=self.global_step,
             )
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:

@@ -3,112 +3,38 @@
     dlab-report sweep=outputs/train/multiruns/<time>                # writes to outputs/report/runs/<time>_<pid>
     dlab-report sweep=outputs/train/multiruns/<time> out=reports/conditioning
 
-Each job folder `<sweep>/<N>/` holds `.hydra/overrides.yaml` (Hydra's list of `key=value` strings) and,
-if training finished, `metrics.json` (a flat dict written by `dlab-train`); a job that stopped on an error
-holds `error.txt` (its one-line message, written by the entry wrapper, `diffusion_lab.cli`). Writes to the
-run folder `report.md` and `report.csv` (one row per job: status, message, every override key, every
-metric) and `plots/<metric>.png`: bars per job labelled by the overrides that vary, or, when exactly two
-keys vary (e.g. conditioning × schedule), bars grouped by the first key and coloured by the second.
+The jobs are those the sweep was to run, read from `<sweep>/multirun.yaml` (the grid of the basic
+sweeper, or an Optuna search's n_trials), plus any job folder `<sweep>/<N>/` found. Each holds Hydra's
+`.hydra/overrides.yaml`, `status.json` (how it ended, written by the entry wrapper `diffusion_lab.cli`)
+and, if training finished, `metrics.json`. Writes to the run folder `report.md` and `report.csv` (one row
+per job: status, message, every override key, every metric) and `plots/<metric>.png`: bars per job
+labelled by the overrides that vary, or, when exactly two keys vary (e.g. conditioning × schedule), bars
+grouped by the first key and coloured by the second.
 A job's status is `ok`, `interrupted` (stopped by a signal after saving `interrupted.ckpt`: running the
-same command into the same folder resumes it), `failed` (any other error.txt), `nan` (a metric is NaN or
-infinite), or `missing` (no metrics.json: still running, or killed without a trace).
+same command into the same folder resumes it), `failed` (any other error), `nan` (a metric is NaN or
+infinite), or `missing` (no record of an end: never ran, still running, or killed without a trace).
+A sweep from before status.json existed is judged by each job's `error.txt`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig
 
 from diffusion_lab.cli import hydra_app
-from diffusion_lab.errors import ConfigError, DataError, Interrupted
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import checks
+from diffusion_lab.utils.sweeps import EXAMPLE, Job, load_jobs, summary
 
-STATUSES = ("ok", "interrupted", "failed", "nan", "missing")
-EXAMPLE = "sweep=outputs/train/multiruns/<time>"
 CELL_WIDTH = 80  # longer Markdown cells (error messages) are cut; report.csv keeps them whole
 
 
-@dataclass
-class Job:
-    name: str
-    overrides: dict[str, str]
-    metrics: dict | None = None  # None: no metrics.json
-    error: str | None = None  # the first line of error.txt
-
-    @property
-    def status(self) -> str:
-        if self.error is not None:
-            return "interrupted" if Interrupted.describes(self.error) else "failed"
-        if self.metrics is None:
-            return "missing"
-        return "nan" if self.non_finite else "ok"
-
-    @property
-    def non_finite(self) -> list[str]:
-        return [k for k, v in (self.metrics or {}).items() if _is_number(v) and not math.isfinite(v)]
-
-    @property
-    def message(self) -> str:
-        if self.error is not None:
-            return self.error
-        return f"not finite: {', '.join(self.non_finite)}" if self.non_finite else ""
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _finite(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """`+model.lr=1e-3` → ("model.lr", "1e-3"); Hydra's `+`/`++`/`~` prefixes don't change the key."""
-    key, _, value = str(text).partition("=")
-    return key.lstrip("+~"), value
-
-
-def _read_job(folder: Path) -> Job:
-    overrides = dict(
-        parse_override(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
-    )
-    error_file, metrics_file = folder / "error.txt", folder / "metrics.json"
-    error = None
-    if error_file.is_file():  # the entry wrapper writes one line; keep the first if someone wrote more
-        error = (error_file.read_text().strip().splitlines() or ["(error.txt is empty)"])[0]
-    metrics = None
-    if metrics_file.is_file():
-        try:  # json reads the NaN / Infinity that json.dump writes for non-finite floats
-            metrics = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as err:  # e.g. a job killed while writing: report it, not crash
-            error = error or f"metrics.json is not valid JSON ({err})"
-    return Job(folder.name, overrides, metrics, error)
-
-
-def load_jobs(sweep: str | Path) -> list[Job]:
-    """The jobs of a multirun folder, sorted by job number."""
-    root = Path(sweep)
-    if not root.is_dir():
-        raise ConfigError(f"sweep={sweep}: no such folder. Expected a Hydra multirun folder, e.g. {EXAMPLE}")
-    folders = [d for d in root.iterdir() if (d / ".hydra" / "overrides.yaml").is_file()]
-    if not folders:
-        raise DataError(
-            f"sweep={sweep}: the folder holds no jobs; expected <sweep>/<N>/.hydra/overrides.yaml "
-            f"(pass the folder of one sweep, the one that holds multirun.yaml, e.g. {EXAMPLE})"
-        )
-
-    def number(d: Path):  # 10 sorts after 9; non-numeric names last
-        return (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name)
-
-    return [_read_job(folder) for folder in sorted(folders, key=number)]
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ordered_keys(dicts) -> list[str]:
@@ -144,12 +70,6 @@ def table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
         for j in jobs
     ]
     return header, rows
-
-
-def summary(jobs: list[Job]) -> str:
-    """`5 jobs: 1 ok, 1 interrupted, 1 failed, 1 nan, 1 missing`."""
-    counts = Counter(j.status for j in jobs)
-    return f"{len(jobs)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

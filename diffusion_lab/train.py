@@ -19,6 +19,7 @@ from diffusion_lab.utils.cluster import check_ranks_agree, ddp_ranks_join_their_
 from diffusion_lab.utils.instantiate import build, build_module
 from diffusion_lab.utils.resume import check_resume_config
 from diffusion_lab.utils.run import print_config_tree, record_dir, write_metrics
+from diffusion_lab.utils.sweeps import sweeper_optimises
 
 log = logging.getLogger("diffusion_lab")
 
@@ -56,18 +57,59 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     return path
 
 
-def objective(metrics: dict, cfg: DictConfig, in_sweep: bool) -> float | None:
-    """The value a Hydra sweeper optimises: the logged metric named by `optimized_metric`. Missing in a
-    sweep, it is an error (the sweeper would rank the job on nothing); a single run just returns None."""
+def objective(metrics: dict, cfg: DictConfig, in_sweep: bool, used_by_sweeper: bool = True) -> float | None:
+    """The value a Hydra sweeper optimises: the logged metric named by `optimized_metric`. Missing, it is
+    an error in a sweep whose sweeper uses it (Optuna would rank the job on nothing), a warning in a grid
+    sweep (the basic sweeper ignores it), and nothing in a single run."""
     name = cfg.get("optimized_metric")
-    if not name or (name not in metrics and not in_sweep):
+    if not name or name in metrics or not in_sweep:
+        return metrics.get(name) if name else None
+    missing = f"optimized_metric={name}: this run logged no such metric; it logged {sorted(metrics)}. "
+    if not used_by_sweeper:
+        log.warning(missing + "Hydra's basic sweeper does not use it; an Optuna search would fail here.")
         return None
-    if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric={name}: this run logged no such metric; it logged {sorted(metrics)}. "
-            "Pick one of those, or log it (val/fid, val/accuracy: add callbacks=with_metrics)."
-        )
-    return metrics[name]
+    raise ConfigError(missing + "Pick one, or log it (val/fid, val/accuracy: add callbacks=with_metrics).")
+
+
+def first_validation_after(trainer: L.Trainer) -> str | None:
+    """Why a run would end before its first validation (so log no `val/*` metric), or None when it
+    validates, or when Lightning's numbers cannot tell (a time-based val_check_interval)."""
+    if sum(trainer.num_val_batches) == 0:
+        return f"it runs no validation batch (trainer.limit_val_batches={trainer.limit_val_batches})"
+    if trainer.val_check_batch is None:
+        return None
+    per_epoch, every = trainer.num_training_batches, trainer.check_val_every_n_epoch
+    # Lightning counts val_check_batch over the whole run when check_val_every_n_epoch is None
+    first = trainer.val_check_batch if every is None else (every - 1) * per_epoch + trainer.val_check_batch
+    ends = [math.inf]
+    if trainer.max_steps > 0:
+        ends.append(trainer.max_steps * trainer.accumulate_grad_batches)
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        ends.append(trainer.max_epochs * per_epoch)
+    if first <= min(ends):
+        return None
+    return (
+        f"its first validation would come after {first} training batches, and it trains {min(ends)} "
+        f"(trainer.max_steps={trainer.max_steps}, trainer.max_epochs={trainer.max_epochs}, "
+        f"trainer.val_check_interval={trainer.val_check_interval}, "
+        f"trainer.check_val_every_n_epoch={every}, {per_epoch} batches an epoch)"
+    )
+
+
+class ValidatesBeforeTheEnd(L.Callback):
+    """Stop a sweep's job before its first step when it would never log the `val/*` metric its sweeper
+    optimises, rather than train it and fail after. Runs when Lightning has counted the batches."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        why = first_validation_after(trainer)
+        if why is not None:
+            raise ConfigError(
+                f"optimized_metric={self.metric} is logged at validation, and {why}. "
+                "Lower trainer.val_check_interval, or raise trainer.max_steps, so each job validates."
+            )
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -83,6 +125,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     # An entry set to null (`callbacks.rich_progress_bar=null`) switches that callback or logger off.
     callbacks = [build(f"callback {k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
+    if sweeper_optimises() and str(cfg.get("optimized_metric")).startswith("val/"):
+        callbacks.append(ValidatesBeforeTheEnd(cfg.optimized_metric))
     loggers = [build(f"logger {k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
@@ -98,7 +142,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         raise DivergedError(
-            f"training finished with non-finite metrics {bad}; lower optimizer.lr and retrain."
+            f"training finished with non-finite metrics {bad}; lower optimizer.lr and retrain.",
+            step=trainer.global_step,
         )
     if not trainer.fast_dev_run:
         write_metrics(metrics, cfg.paths.output_dir)
@@ -110,7 +155,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 def main(cfg: DictConfig) -> float | None:
     print_config_tree(cfg, save_to=record_dir(cfg))
     metrics, _ = train(cfg)
-    return objective(metrics, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    return objective(metrics, cfg, in_sweep, sweeper_optimises())
 
 
 if __name__ == "__main__":

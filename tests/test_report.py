@@ -14,20 +14,22 @@ import pytest
 import yaml
 
 from diffusion_lab import report
-from diffusion_lab.errors import DataError, Interrupted
+from diffusion_lab.errors import DataError, DivergedError, Interrupted
+from diffusion_lab.utils.sweeps import parse_override, write_status
 from tests.conftest import run_cli
 
 
-def make_job(root, num, overrides: list[str], metrics: dict | None, error: str | None = None):
+def make_job(root, num, overrides: list[str], metrics: dict | None, error: Exception | None = None):
     """A job folder the way Hydra (.hydra/overrides.yaml), `dlab-train` (metrics.json) and the entry
-    wrapper (error.txt) write it."""
+    wrapper (status.json, once the job ended) write it; no status.json: a job still running or killed."""
     job = root / str(num)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if metrics is not None:  # json.dumps writes NaN / Infinity literals, as dlab-train's json.dump does
         (job / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_status(job)
     if error is not None:
-        (job / "error.txt").write_text(error + "\n")
+        write_status(job, error, str(error))
 
 
 def read_csv(path):
@@ -39,14 +41,16 @@ LONG_ERROR = "training diverged at step 12: the loss is nan. " + "Lower optimize
 
 
 def fake_sweep(root: Path) -> Path:
-    """Five jobs, one of each status: ok, failed (error.txt), nan (a non-finite metric), missing, and
-    interrupted (the error.txt line that a run stopped by SIGTERM leaves)."""
+    """Five jobs, one of each status: ok, failed (a DivergedError), nan (a non-finite metric), missing,
+    and interrupted (stopped by SIGTERM)."""
     make_job(root, 0, ["conditioning=adaln", "schedule=linear"], {"val/loss": 0.03, "fid": 12.3})
-    make_job(root, 1, ["conditioning=cross_attn", "schedule=linear"], None, error=LONG_ERROR)
+    make_job(
+        root, 1, ["conditioning=cross_attn", "schedule=linear"], None, DivergedError(LONG_ERROR, step=12)
+    )
     make_job(root, 2, ["conditioning=concat", "schedule=cosine"], {"val/loss": math.nan, "fid": 20.0})
     make_job(root, 3, ["conditioning=none", "schedule=cosine"], None)  # still running, or killed
     stopped = Interrupted(signal.SIGTERM, 120, root / "4/checkpoints/interrupted.ckpt", "dlab-train seed=4")
-    make_job(root, 4, ["conditioning=concat", "schedule=linear"], None, error=str(stopped))
+    make_job(root, 4, ["conditioning=concat", "schedule=linear"], None, stopped)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -98,6 +102,24 @@ def test_truncated_metrics_json_is_a_failed_job(tmp_path):
     assert job.status == "failed" and job.message.startswith("metrics.json is not valid JSON")
 
 
+def test_status_comes_from_status_json_and_old_sweeps_from_error_txt(tmp_path):
+    """status.json decides, whatever error.txt says; a job folder from before status.json existed is
+    judged by its error.txt line."""
+    stopped = Interrupted(signal.SIGTERM, 7, tmp_path / "interrupted.ckpt", "dlab-train")
+    make_job(tmp_path, 0, ["seed=0"], None, stopped)
+    (tmp_path / "0" / "error.txt").write_text("this line is for people\n")
+    make_job(tmp_path, 1, ["seed=1"], {"val/loss": 0.1})
+    (tmp_path / "1" / "error.txt").write_text("an error.txt left by an earlier, failed try\n")
+    make_job(tmp_path, 2, ["seed=2"], None)
+    (tmp_path / "2" / "error.txt").write_text(str(stopped) + "\n")
+    make_job(tmp_path, 3, ["seed=3"], None)
+    (tmp_path / "3" / "error.txt").write_text("ValueError: boom\n")
+    jobs = report.load_jobs(tmp_path)
+    assert [(j.status, j.message) for j in jobs] == [
+        ("interrupted", str(stopped)), ("ok", ""), ("interrupted", str(stopped)), ("failed", "ValueError: boom"),
+    ]  # fmt: skip
+
+
 def test_two_varying_keys(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "report"
     # 12 jobs, so that job 10 must sort after job 9
@@ -111,9 +133,9 @@ def test_two_varying_keys(tmp_path):
 
 
 def test_override_prefixes_are_not_part_of_the_key():
-    assert report.parse_override("+experiment=mnist_cpu") == ("experiment", "mnist_cpu")
-    assert report.parse_override("++trainer.max_epochs=2") == ("trainer.max_epochs", "2")
-    assert report.parse_override("model.lr=a=b") == ("model.lr", "a=b")
+    assert parse_override("+experiment=mnist_cpu") == ("experiment", "mnist_cpu")
+    assert parse_override("++trainer.max_epochs=2") == ("trainer.max_epochs", "2")
+    assert parse_override("model.lr=a=b") == ("model.lr", "a=b")
 
 
 @pytest.mark.parametrize(

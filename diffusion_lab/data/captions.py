@@ -292,6 +292,12 @@ class EvalLoader(_Reporting, DataLoader):
 # --- DataModule ---------------------------------------------------------------------------------
 
 
+def shard_pattern(key: str) -> str:
+    """A shard pattern as typed in a shell: Hydra's override parser reads braces itself, so the value
+    needs quotes that reach it, inside quotes for the shell."""
+    return f""""{key}='<dir>/{{00000..00009}}.tar'" (both quotes)"""
+
+
 def detect_format(root: str) -> str:
     """`imagefolder` or `webdataset` from what data.root points at (see the module docstring)."""
     path = Path(root).expanduser()
@@ -303,7 +309,7 @@ def detect_format(root: str) -> str:
         raise DataError(
             f"data.root={root!r} is a file but neither {' nor '.join(METADATA)} nor a .tar shard. Point "
             "data.root at a folder (an imagefolder with a metadata file, or .tar shards), at its metadata "
-            "file, or at shards like <dir>/{00000..00009}.tar."
+            f"file, or at shards: {shard_pattern('data.root')}."
         )
     if path.is_dir():
         if any((path / m).is_file() or (path / "train" / m).is_file() for m in METADATA):
@@ -312,7 +318,7 @@ def detect_format(root: str) -> str:
             return "webdataset"
         raise DataError(
             f"data.root={root!r} holds neither {' nor '.join(METADATA)} (an imagefolder) nor .tar shards "
-            "(a webdataset). Point data.root at such a folder, or at shards like <dir>/{0000..0009}.tar."
+            f"(a webdataset). Point data.root at such a folder, or at shards: {shard_pattern('data.root')}."
         )
     if "{" in root or root.endswith(".tar") or "://" in root or root.startswith("pipe:"):
         return "webdataset"

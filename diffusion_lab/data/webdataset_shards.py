@@ -41,7 +41,15 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import base_plus_ext
 
-from diffusion_lab.data.captions import BadSample, BadSamples, EvalLoader, caption_list, collate, load_image
+from diffusion_lab.data.captions import (
+    BadSample,
+    BadSamples,
+    EvalLoader,
+    caption_list,
+    collate,
+    load_image,
+    shard_pattern,
+)
 from diffusion_lab.errors import ConfigError, DataError
 
 log = logging.getLogger("diffusion_lab")
@@ -63,7 +71,7 @@ def shard_urls(root: str, key: str) -> list[str]:
         problem = f"names {missing[0]}, which does not exist" if missing else "holds no .tar file"
         raise DataError(
             f"{key}={root!r} {problem}. Point it at img2dataset shards: a folder of .tar files or a "
-            "pattern like <dir>/{00000..00009}.tar."
+            f"pattern, {shard_pattern(key)}."
         )
     return urls
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import tarfile
 from datetime import timedelta
 from pathlib import Path
@@ -16,14 +18,15 @@ import lightning as L
 import pytest
 import torch
 import webdataset as wds
+from hydra.errors import OverrideParseException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
-from diffusion_lab.data.captions import CaptionedImageDataModule
+from diffusion_lab.data.captions import CaptionedImageDataModule, shard_pattern
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError, DataError
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, ROOT
 
 COLOUR = (200, 40, 40)  # the picture's centre; PIL "L" makes it round(0.299 R + 0.587 G + 0.114 B) = 88
 
@@ -298,6 +301,20 @@ def test_config_composes_for_a_make_captions_folder(compose_cfg, tmp_path):
     while not isinstance(err, ConfigError):
         err = err.__cause__
     assert "data.root=None" in str(err)
+
+
+def test_the_documented_shard_pattern_reaches_hydra_whole(compose_cfg):
+    """The README's pattern, split by a shell as typed there, composes; the braces left bare do not."""
+    readme = (ROOT / "README.md").read_text() + (ROOT / "conf" / "data" / "captions.yaml").read_text()
+    typed = re.findall(r"\"data\.root='shards/\{00000\.\.00099\}\.tar'\"", readme)
+    assert len(typed) == 2  # the README and the config's comment
+    (override,) = shlex.split(typed[0])
+    assert compose_cfg("data=captions", override).data.root == "shards/{00000..00099}.tar"
+    with pytest.raises(OverrideParseException, match="mismatched input '{'"):
+        compose_cfg("data=captions", *shlex.split("data.root='shards/{00000..00099}.tar'"))
+    with pytest.raises(DataError) as err:  # a file that is neither metadata nor a shard
+        module(ROOT / "README.md")
+    assert shard_pattern("data.root") in str(err.value)  # the hint shows the pattern as it must be typed
 
 
 def test_format_detection_and_missing_roots(tmp_path):

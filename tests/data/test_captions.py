@@ -365,15 +365,16 @@ def make_shards(folder: Path, sizes, prefix="s", bad=()) -> list[str]:
     return sorted(str(p) for p in folder.glob("*.tar"))
 
 
-def rank_pass(root, val_root, rank, world):
-    """(train batches, train captions, val batches) of one rank with 2 loader workers."""
-    dm = CaptionedImageDataModule(root=root, val_root=val_root, batch_size=4, num_workers=2)
+def rank_pass(root, val_root, rank, world, **kw):
+    """(train batches, train captions, val captions) of one rank of `world`, with 2 loader workers."""
+    kw = {"batch_size": 4, "num_workers": 2, **kw}
+    dm = CaptionedImageDataModule(root=root, val_root=val_root, **kw)
     dm.trainer = fake_trainer("/nonexistent", world, rank)
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
     batches = list(train)
     assert len(batches) == len(train) and all(len(b["caption"]) == 4 // world for b in batches)
-    result = len(batches), [c for b in batches for c in b["caption"]], len(list(val))
+    result = len(batches), [c for b in batches for c in b["caption"]], [c for b in val for c in b["caption"]]
     stop_workers(train, val)
     return result
 
@@ -383,9 +384,23 @@ def test_webdataset_ranks_get_disjoint_shards_and_equal_batch_counts(tmp_path):
     make_shards(root, [10, 10, 10, 7])  # uneven: rank 1 pads by repeating its short shard
     make_shards(tmp_path / "val", [5], prefix="v")
     (n0, caps0, val0), (n1, caps1, val1) = [rank_pass(str(root), str(tmp_path / "val"), r, 2) for r in (0, 1)]
-    assert n0 == n1 == 10 and val0 == val1  # 37 // 4 = 9 batches a rank, rounded up to whole workers
+    assert n0 == n1 == 10  # 37 // 4 = 9 batches a rank, rounded up to whole workers
     assert not set(caps0) & set(caps1) and len(set(caps0) | set(caps1)) == 37
     assert len(caps0) == len(set(caps0)) == 20  # rank 0's two shards hold 20 samples: no repeats
+    # Validation: each rank keeps its own share of the one shard (padded by repeats to equal batches).
+    assert len(val0) == len(val1) and not set(val0) & set(val1)
+    assert set(val0) | set(val1) == {f"cap v0{i:03d}" for i in range(5)}
+
+
+def test_image_folder_ranks_get_disjoint_shares_that_cover_the_set(tmp_path):
+    """Two simulated ranks: each trains and validates on its own half of the folder."""
+    folder = make_folder(tmp_path / "f", n=24)
+    (n0, train0, val0), (n1, train1, val1) = [
+        rank_pass(str(folder), None, rank, 2, val_size=8, num_workers=0) for rank in (0, 1)
+    ]
+    assert n0 == n1 == 4 and len(train0) == len(train1) == 8 and len(val0) == len(val1) == 4
+    assert not set(train0) & set(train1) and not set(val0) & set(val1)
+    assert set(train0 + train1 + val0 + val1) == {f"good {i}" for i in range(24)}
 
 
 class Recorder(L.LightningModule):

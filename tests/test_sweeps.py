@@ -64,10 +64,8 @@ def test_a_failed_optuna_trial_is_failed_and_the_search_goes_on(tmp_path):
             result.stdout
         )
     (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
-    assert [(j.status, j.overrides) for j in load_jobs(sweep)] == [
-        ("failed", {"optimizer.lr": "1000000000.0"}), ("ok", {"optimizer.lr": "0.001"}),
-        ("failed", {"optimizer.lr": "1000000000.0"}),
-    ]  # fmt: skip
+    jobs = [(j.status, j.overrides["optimizer.lr"]) for j in load_jobs(sweep)]
+    assert jobs == [("failed", "1000000000.0"), ("ok", "0.001"), ("failed", "1000000000.0")]
     assert f"sweep {sweep}: 3 jobs: 1 ok, 0 interrupted, 2 failed, 0 nan, 0 missing" in result.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"optimizer.lr": 0.001}

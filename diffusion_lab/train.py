@@ -16,6 +16,7 @@ from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError, DivergedError
 from diffusion_lab.utils.checkpoints import find_checkpoint, newest_checkpoint, picked_line, read_checkpoint
 from diffusion_lab.utils.cluster import check_ranks_agree, ddp_ranks_join_their_job, one_ddp_group_per_job
+from diffusion_lab.utils.config_checks import check_run_config
 from diffusion_lab.utils.instantiate import build, build_module
 from diffusion_lab.utils.resume import check_resume_config
 from diffusion_lab.utils.run import print_config_tree, record_dir, write_metrics
@@ -116,6 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit (and optionally test) the configured model. Returns (metrics, objects)."""
     # Fail on a wrong checkpoint or a missing GPU before spending time on data or models.
     check_accelerator(cfg)
+    check_run_config(cfg)
     ckpt_path = resolve_resume(cfg)
     ddp_ranks_join_their_job()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from diffusion_lab.utils.config_checks import check_run_config
 from diffusion_lab.utils.instantiate import build_module
 from tests.conftest import CAPTIONS, CONF_DIR, TINY_CLIP
 
@@ -27,7 +28,8 @@ EXTRA = {
 
 
 def build_all(cfg):
-    """What train() builds before fitting, without fitting."""
+    """What train() checks and builds before fitting, without fitting."""
+    check_run_config(cfg)  # a good config passes every check
     module = build_module(cfg)
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -13,6 +13,7 @@ from omegaconf import open_dict
 from diffusion_lab.callbacks.checkpointing import VerifiedModelCheckpoint
 from diffusion_lab.errors import CheckpointError
 from diffusion_lab.train import train
+from diffusion_lab.utils.instantiate import build_module
 
 FAST_DEV_RUNS = [
     # (conditioning, schedule, prediction, loss): each schedule and prediction varied at least once
@@ -140,3 +141,28 @@ def test_test_split_runs_after_fit(compose_cfg):
     metrics, objects = train(cfg)
     assert metrics["test/loss"] > 0
     assert len(objects["datamodule"].test_set) == 10_000  # the official test split
+
+
+def _training_noise(module, rank: int, batch: dict, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and timesteps that DDP rank `rank` draws for the first batch of training."""
+    monkeypatch.setattr(type(module), "global_rank", property(lambda self: rank))
+    drawn = {}
+    add_noise = module.schedule.add_noise
+
+    def recording_add_noise(x0, noise, t):
+        drawn.update(noise=noise.clone(), t=t.clone())
+        return add_noise(x0, noise, t)
+
+    monkeypatch.setattr(module.schedule, "add_noise", recording_add_noise)
+    module.on_train_batch_start(batch, 0)
+    module.diffusion_loss(batch)
+    return drawn["noise"], drawn["t"]
+
+
+def test_each_ddp_rank_draws_its_own_reproducible_noise_and_timesteps(compose_cfg, monkeypatch):
+    module = build_module(compose_cfg("debug=tiny"))
+    batch = {"image": torch.zeros(16, 1, 28, 28), "label": torch.arange(16) % 10}
+    rank0, rank0_again, rank1 = (_training_noise(module, r, batch, monkeypatch) for r in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank0_again, strict=True))  # reproducible
+    assert not torch.equal(rank0[0], rank1[0])  # noise differs
+    assert not torch.equal(rank0[1], rank1[1])  # timesteps differ

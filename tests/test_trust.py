@@ -221,3 +221,30 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert proc.returncode == 130, stderr[-2000:]
     assert "stopped by SIGINT" in stderr
     assert list(tmp_path.glob("outputs/debug/runs/*/checkpoints/interrupted.ckpt"))
+
+
+BAD_TRAIN_VALUES = [
+    ("data.batch_size=0", ["data.batch_size=0", "positive whole number", "e.g. data.batch_size=128"]),
+    ("optimizer.lr=-1", ["optimizer.lr=-1", "Invalid learning rate", "e.g. optimizer.lr=0.001"]),
+    ("trainer.max_steps=abc", ["trainer.max_steps='abc'", "a whole number", "e.g. trainer.max_steps="]),
+    ("schedule.num_timesteps=0", ["schedule.num_timesteps=0", ">= 2", "e.g. schedule.num_timesteps=1000"]),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("override", "named"), BAD_TRAIN_VALUES, ids=[o for o, _ in BAD_TRAIN_VALUES])
+def test_a_bad_training_value_is_one_line_before_data_or_models_are_built(tmp_path, override, named):
+    result = run_cli("dlab-train", "debug=tiny", override, "+foo=1", cwd=tmp_path)
+    assert_one_line_error(result, 2, *named)
+    assert "instantiating datamodule" not in result.stdout
+    assert "nothing reads (they change nothing): +foo." in result.stdout  # an added key that nothing reads
+
+
+@pytest.mark.slow
+def test_a_yaml_syntax_error_in_a_user_config_folder_is_one_line(tmp_path):
+    experiment = tmp_path / "my_configs" / "experiment" / "my_exp.yaml"
+    experiment.parent.mkdir(parents=True)
+    experiment.write_text("# @package _global_\ntrainer:\n  max_steps: [1, 2\nseed: 3\n")
+    search_path = f"hydra.searchpath=[file://{tmp_path / 'my_configs'}]"
+    result = run_cli("dlab-train", search_path, "experiment=my_exp", cwd=tmp_path)
+    assert_one_line_error(result, 2, f"{experiment}, line 4, column 5: not valid YAML", "flow sequence")

@@ -142,6 +142,12 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         if kind not in BETA_SCHEDULES:
             raise ConfigError(f"Unknown schedule kind {kind!r}; options: {', '.join(BETA_SCHEDULES)}")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+            # A ValueError, not a ConfigError: the key that set it differs by command (build() names it).
+            # One step leaves the posterior log-variance (read from step 1) empty.
+            raise ValueError(
+                f"num_timesteps is the number of training noise levels, a whole number >= 2, not {num_timesteps!r}"
+            )
         self.kind, self.num_timesteps, self.zero_terminal_snr = kind, num_timesteps, zero_terminal_snr
         betas = BETA_SCHEDULES[kind](num_timesteps, **beta_kwargs)
         if zero_terminal_snr:

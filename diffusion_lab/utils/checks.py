@@ -6,7 +6,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError
 
@@ -16,7 +16,7 @@ def _is_int(value) -> bool:
 
 
 def positive_int(cfg: DictConfig, key: str, example: int) -> int:
-    value = cfg.get(key)
+    value = OmegaConf.select(cfg, key)  # also a dotted key: data.batch_size
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{key}={value!r}: expected a positive whole number, e.g. {key}={example}")
     return value

@@ -82,3 +82,29 @@ def test_one_ddp_group_per_job_restores_the_launch_variables(no_cluster):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="1234", LOCAL_RANK="0", WORLD_SIZE="2")
     assert os.environ["MASTER_ADDR"] == "node1"
     assert not {"MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+
+
+class _FakeTrainer:
+    world_size, global_rank = 2, 0
+
+
+def _gather_with(other_rank_digest: str | None):
+    """A stand-in for `all_gather_object` on 2 ranks: this rank's digest, then the other rank's."""
+
+    def gather(out: list, mine: str) -> None:
+        out[:] = [mine, other_rank_digest or mine]
+
+    return gather
+
+
+def test_ranks_with_different_weights_fail(monkeypatch):
+    net = torch.nn.Linear(3, 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", _gather_with("0" * 64))
+    with pytest.raises(RuntimeError, match="different weights") as caught:
+        cluster.check_ranks_agree(_FakeTrainer(), net)
+    assert cluster.parameter_digest(net) in str(caught.value) and "0" * 64 in str(caught.value)
+
+
+def test_ranks_with_the_same_weights_pass(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "all_gather_object", _gather_with(None))
+    cluster.check_ranks_agree(_FakeTrainer(), torch.nn.Linear(3, 2))

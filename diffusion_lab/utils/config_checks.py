@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import logging
 import re
@@ -120,9 +121,10 @@ def check_arguments(path: str, node: DictConfig) -> None:
         if key not in parameters:
             if takes_any:
                 continue
+            close = difflib.get_close_matches(key, parameters, n=3)
+            options = f"did you mean {' or '.join(close)}?" if close else f"it takes {', '.join(parameters)}"
             raise ConfigError(
-                f"{path}.{key}: {target} takes no argument {key!r}; it takes {', '.join(parameters)}. "
-                "Check the spelling, or drop it."
+                f"{path}.{key}: {target} takes no argument {key!r} ({options}). Fix or drop it."
             )
         value, annotation = node.get(key), hints.get(key)
         # In a partial, null marks an argument that the code supplies (lr_scheduler.total_steps).
@@ -160,13 +162,11 @@ def check_cheap_parts(cfg: DictConfig) -> None:
 # `+key=value` that nothing reads
 # ---------------------------------------------------------------------------------------------------------
 
-# Keys a command reads when given although its config lacks them: `dlab-sample +sampler.num_steps=10`.
-READ_WHEN_GIVEN = ("sampler",)
-
 
 def unread_additions(cfg: DictConfig, overrides: list[str], groups: typing.Iterable[str]) -> list[str]:
-    """The keys added with `+key=value` that no code reads: not a config group, not under a node that
-    is built (its constructor gets the key, and refuses one it does not take), not read when given."""
+    """The keys added with `+key=value` that no code reads: neither a config group (`+sampler=ddim`, which
+    dlab-sample reads) nor under a node that is built (its constructor gets the key, and refuses one it
+    does not take). Commands read their other keys from their own config, where `+` cannot add them."""
     unread = []
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
@@ -177,7 +177,7 @@ def unread_additions(cfg: DictConfig, overrides: list[str], groups: typing.Itera
         built = any(
             isinstance(n := OmegaConf.select(cfg, p), DictConfig) and "_target_" in n for p in prefixes
         )
-        if not built and parts[0] not in READ_WHEN_GIVEN:
+        if not built:
             unread.append(key)
     return unread
 

@@ -22,7 +22,7 @@ BAD_VALUES = [
     ("trainer.max_steps=abc", ["trainer.max_steps='abc'", "Trainer expects a whole number", "e.g. trainer.max_steps=-1"]),
     ("schedule.num_timesteps=0", ["schedule.num_timesteps=0", "NoiseSchedule", ">= 2", "e.g. schedule.num_timesteps=1000"]),
     ("schedule.num_timesteps=1", ["schedule.num_timesteps=1", ">= 2"]),
-    ("+trainer.max_step=5", ["trainer.max_step", "takes no argument 'max_step'", "max_steps"]),
+    ("+trainer.max_step=5", ["trainer.max_step: Trainer takes no argument 'max_step' (did you mean max_steps"]),
     ("trainer.precision=17", ["trainer.precision=17", "one of 64, 32, 16"]),
 ]  # fmt: skip
 
@@ -82,7 +82,7 @@ def test_guilty_key(message, key):
         (["+paths.extra=1", "++bar=2"], ["paths.extra"]),  # `++` may set a key that exists: not judged
         (["+trainer.profiler=simple", "+callbacks.mine._target_=x.Y"], []),  # built: the constructor reads it
         (["+experiment=mnist_adaln", "+hparams_search@x=y"], []),  # config groups
-        (["+sampler.num_steps=5"], []),  # dlab-sample and dlab-eval read `sampler` when given
+        (["+sampler.num_steps=5", "+model.extra=1"], []),  # built nodes of the train config
     ],
 )
 def test_unread_additions(compose_cfg, overrides, unread):

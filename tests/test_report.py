@@ -76,7 +76,7 @@ def test_fake_multirun_marks_every_status(tmp_path):
 
     rows = read_csv(out / "report.csv")
     assert [r["status"] for r in rows] == ["ok", "failed", "nan", "missing", "interrupted"]  # jobs 0 to 4
-    assert rows[1]["message"] == LONG_ERROR.strip()  # whole in the CSV
+    assert rows[1]["message"] == LONG_ERROR  # whole in the CSV
     assert rows[0] == {"job": "0", "status": "ok", "message": "", "conditioning": "adaln", "schedule": "linear",
                        "fid": "12.3", "val/loss": "0.03"}  # fmt: skip
     for name in ["fid.png", "val_loss.png"]:

@@ -113,7 +113,9 @@ def train_classifier(
     progress: bool = True,
 ) -> tuple[MNISTClassifier, dict]:
     """Train on uint8 (N, 1, 28, 28) images with AdamW + OneCycle; return (model in eval mode, info) with
-    info = {"test_accuracy", "train_seconds", "epochs", ...}."""
+    info = {"test_accuracy", "epoch_accuracy" (test accuracy after each epoch), "train_seconds", ...}.
+    With `progress`, a bar and a line per epoch with its test accuracy (the line also where the
+    output is not a terminal, as in a log file, where the bar stays silent)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = MNISTClassifier(feature_dim=feature_dim)
@@ -124,6 +126,7 @@ def train_classifier(
     model.train()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("loss {task.fields[loss]}"))  # fmt: skip
+    epoch_accuracy = []
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("classifier", total=epochs * steps_per_epoch, loss="-")
         for epoch in range(epochs):
@@ -140,10 +143,16 @@ def train_classifier(
                 opt.step()
                 sched.step()
                 bar.update(task, advance=1, loss=f"{loss.item():.3f}")
+            epoch_accuracy.append((predict(model, test_images) == test_labels).float().mean().item())
+            if progress:
+                bar.console.print(
+                    f"classifier epoch {epoch + 1}/{epochs}: test accuracy {epoch_accuracy[-1]:.4f}, "
+                    f"loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s"
+                )
     model.eval()
-    accuracy = (predict(model, test_images) == test_labels).float().mean().item()
     info = {
-        "test_accuracy": accuracy,
+        "test_accuracy": epoch_accuracy[-1],
+        "epoch_accuracy": epoch_accuracy,
         "train_seconds": time.perf_counter() - start,
         "epochs": epochs,
         "feature_dim": feature_dim,

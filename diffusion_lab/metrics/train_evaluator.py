@@ -25,6 +25,7 @@ from diffusion_lab.metrics.classifier import (
     train_classifier,
 )
 from diffusion_lab.metrics.fid import MNISTEvaluator
+from diffusion_lab.utils import checks
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,12 @@ def train_evaluator(cfg: DictConfig) -> dict:
         except EvaluatorMissingError:
             pass
     if info is None:
+        epochs = checks.positive_int(cfg, "classifier.epochs", 2)
         train, test = load_split(data_dir, train=True), load_split(data_dir, train=False)
+        print(
+            f"Training the evaluator classifier: {epochs} epochs over {len(train[1])} digits, each followed "
+            f"by its accuracy on {len(test[1])} test digits (minutes on a CPU; the README has a time)"
+        )
         model, info = train_classifier(*train, *test, **OmegaConf.to_container(cfg.classifier))
         if info["test_accuracy"] < cfg.min_accuracy:
             raise UserError(

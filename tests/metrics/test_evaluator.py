@@ -9,11 +9,20 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusion_lab.data.mnist import load_split
-from diffusion_lab.metrics.classifier import EvaluatorMissingError, evaluator_dir, load_classifier
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.metrics.classifier import (
+    EvaluatorMissingError,
+    evaluator_dir,
+    load_classifier,
+    predict,
+    train_classifier,
+)
 from diffusion_lab.metrics.fid import ClassifierFeatures, MNISTEvaluator
+from diffusion_lab.metrics.train_evaluator import train_evaluator
 from tests.conftest import DATA_DIR, run_cli
 
 
@@ -82,6 +91,29 @@ def test_real_features_are_cached(cache_dir, evaluator):
     again = MNISTEvaluator.from_cache(cache_dir, DATA_DIR)
     assert torch.equal(again.real_features, evaluator.real_features)
     assert again.real_features.shape == (10_000, 128)
+
+
+def test_training_reports_each_epochs_test_accuracy(test_split, capsys):
+    """On a slice of MNIST: a line per epoch with the test accuracy after it (printed where no bar shows,
+    as under pytest), the last being the returned model's; progress=False prints nothing."""
+    images, labels = test_split  # 1,024 digits to train on and 500 others to test on
+    data = (images[:1024], labels[:1024], images[-500:], labels[-500:])
+    model, info = train_classifier(*data, epochs=2, batch_size=64, lr=3e-3)
+    out = capsys.readouterr().out
+    first, last = info["epoch_accuracy"]
+    assert last == info["test_accuracy"] == (predict(model, data[2]) == data[3]).float().mean().item()
+    assert f"classifier epoch 1/2: test accuracy {first:.4f}" in out
+    assert f"classifier epoch 2/2: test accuracy {last:.4f}" in out
+    assert last > 0.5  # 2 epochs of 1,024 digits: far above chance (0.1)
+    train_classifier(*data, epochs=1, batch_size=512, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_zero_epochs_is_a_clear_error(tmp_path):
+    cfg = OmegaConf.create({"paths": {"cache_dir": str(tmp_path), "data_dir": str(DATA_DIR)},
+                            "retrain": True, "classifier": {"epochs": 0}})  # fmt: skip
+    with pytest.raises(ConfigError, match="classifier.epochs=0: expected a positive whole number"):
+        train_evaluator(cfg)
 
 
 def test_missing_classifier_says_how_to_train_it(tmp_path):

@@ -62,16 +62,20 @@ def text_run(captioned_mnist, tmp_path_factory):
 
 
 def test_dlab_sample_with_prompts_writes_the_npz(text_run, tmp_path):
-    (tmp_path / "prompts.txt").write_text("a thick seven\n\ndigit 1, thin strokes\n")
+    long = "digit 1, thin strokes" + " and more words" * 12  # 40 words, past the 32 tokens the model reads
+    (tmp_path / "prompts.txt").write_text(f"a thick seven\n\n{long}\n")
     args = ["n=4", "steps=2", "guidance=[1,2]", f"ckpt_path={text_run}"]
     interval = "guidance_interval=[0.5,inf]"
     result = run_cli("dlab-sample", *args, interval, "prompts_file=prompts.txt", "out=samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(tmp_path / "samples" / "samples.npz") as data:
         assert data["images"].shape == (8, 1, 28, 28) and "labels" not in data
-        assert data["prompts"].tolist() == ["a thick seven", "digit 1, thin strokes"] * 4
+        assert data["prompts"].tolist() == ["a thick seven", long] * 4
+        seen = "digit 1, thin strokes" + " and more words" * 9  # [CLS] and the first 31 words
+        assert data["prompts_seen"].tolist() == ["a thick seven", seen] * 4
         assert data["guidance"].tolist() == [1.0] * 4 + [2.0] * 4
         assert data["guidance_interval"].tolist() == [0.5, math.inf]
+    assert result.stdout.count("a caption has 41 tokens, more than the text encoder's limit of 32") == 1
     wrong = run_cli("dlab-sample", *args, "labels=[3]", cwd=tmp_path)
     assert wrong.returncode == 2 and "this is a caption model" in wrong.stderr
 

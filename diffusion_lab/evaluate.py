@@ -15,7 +15,7 @@ from pathlib import Path
 
 import matplotlib
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
@@ -29,6 +29,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger("diffusion_lab")
+
+# FID's full-rank bound (2 × feature dim) for the evaluator dlab-train-evaluator trains by default (128
+# features), checked before the evaluator is asked for; the loaded evaluator checks its own bound again.
+MIN_FID_IMAGES = 256
 
 
 def score(evaluator, module, sampler, targets: Targets, guidance: float, cfg: DictConfig) -> dict:
@@ -63,16 +67,26 @@ def save_figure(fig, path: Path, loggers) -> None:
     plt.close(fig)  # after the loggers: TensorBoard renders the figure itself
 
 
+def enough_for_fid(cfg: DictConfig, key: str) -> None:
+    n = checks.positive_int(cfg, key, 5000)
+    if n < MIN_FID_IMAGES:
+        raise ConfigError(
+            f"{key}={n}: FID needs at least {MIN_FID_IMAGES} images (2 × the evaluator's feature dim) for "
+            f"a full-rank covariance; got N={n}. Raise {key}, e.g. {key}=5000"
+        )
+
+
 def check_arguments(cfg: DictConfig) -> None:
-    checks.positive_int(cfg, "n", 5000)
+    enough_for_fid(cfg, "n")
     checks.guidance_scales(cfg)
     checks.guidance_interval(cfg)
     checks.optional_positive_int(cfg, "steps", 20)
     checks.positive_int(cfg, "batch_size", 500)
-    checks.positive_int(cfg.steps_sweep, "n", 1000)
+    checks.non_negative_int(cfg, "seed", 0)
+    enough_for_fid(cfg, "steps_sweep.n")
     checks.guidance_scales(cfg.steps_sweep, "guidance")
     for steps in checks.as_list(cfg.steps_sweep.steps):
-        checks.positive_int({"steps_sweep.steps": steps}, "steps_sweep.steps", 20)
+        checks.positive_int(OmegaConf.create({"steps_sweep": {"steps": steps}}), "steps_sweep.steps", 20)
     unknown = set(checks.as_list(cfg.steps_sweep.samplers)) - set(cfg.samplers)
     if unknown:
         raise ConfigError(
@@ -84,11 +98,12 @@ def check_arguments(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     check_arguments(cfg)
+    device = pick_device(cfg.device)
     out = checks.writable_dir(cfg.paths.output_dir)
     evaluator = MNISTEvaluator.from_cache(cfg.paths.cache_dir, cfg.paths.data_dir)
     evaluator.require(cfg.n)
     evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
-    module, path = load_module(cfg.ckpt_path, pick_device(cfg.device), f"{cfg.paths.log_dir}/train/runs")
+    module, path = load_module(cfg.ckpt_path, device, f"{cfg.paths.log_dir}/train/runs")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
 

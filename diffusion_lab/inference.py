@@ -5,8 +5,10 @@ The library behind `dlab-sample`, `dlab-eval`, `dlab-viz trajectory` and the val
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -14,15 +16,36 @@ from rich.progress import track
 
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.utils import checks
-from diffusion_lab.utils.checkpoints import find_checkpoint, read_checkpoint
+from diffusion_lab.utils.checkpoints import find_checkpoint, picked_line, read_checkpoint
 from diffusion_lab.utils.images import to_uint8
 from diffusion_lab.utils.instantiate import build_module
 
+log = logging.getLogger("diffusion_lab")
+
+
+# The scale for a checkpoint whose run names none of its own (saved before runs named it): the default
+# recipe's best, as conf/train.yaml's `guidance` (the value runs name it by) is.
+DEFAULT_GUIDANCE = 1.6
+
 
 def pick_device(name: str) -> torch.device:
+    """`device=` as a torch device, checked against this machine before anything loads."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r}: expected cpu, cuda, cuda:<index> or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name}: this machine has no GPU that torch can use; use device=cpu or device=auto"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}; pick one of them or device=auto"
+        )
+    return device
 
 
 def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_dir="outputs/train/runs"):
@@ -32,6 +55,7 @@ def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_
     averaged weights as the checkpoint's `state_dict`.
     """
     path = find_checkpoint(str(ckpt_path), runs_dir)
+    log.info(picked_line(str(ckpt_path), path, runs_dir))
     checkpoint = read_checkpoint(path)
     if not checkpoint.get("run_config"):
         raise CheckpointError(
@@ -65,22 +89,52 @@ def sampler_for(module, sampler_cfg: DictConfig | None, steps: int | None):
     return factory(schedule=module.schedule, prediction_type=module.hparams.prediction_type, **overrides)
 
 
-def conditions(cfg: DictConfig, encoder, n: int | None = None) -> tuple[torch.Tensor | list[str], str]:
-    """What a command samples: `labels=` for a class model (default: balanced over its classes),
-    `prompts=` or `prompts_file=` for a caption model; cycled to `n` (None: one of each). Also returns
-    the npz key that records them."""
-    prompts, labels = checks.prompts(cfg), checks.class_labels(cfg)
+def guidance_for(module, asked: list[float] | None) -> tuple[list[float], str]:
+    """The scales to sample at: `asked`, else the one the checkpoint's run names as its best (`guidance`
+    in conf/train.yaml and conf/experiment/*.yaml), else DEFAULT_GUIDANCE. Also the words that say so,
+    for the line that names the checkpoint."""
+    if asked is not None:
+        return asked, "guidance " + ", ".join(f"{s:g}" for s in asked)
+    own = (module.run_config or {}).get("guidance")
+    if own is None:
+        return [DEFAULT_GUIDANCE], f"guidance {DEFAULT_GUIDANCE:g} (the default: the run names no scale)"
+    scales = checks.guidance_scales({"guidance": own})
+    return scales, "guidance " + ", ".join(f"{s:g}" for s in scales) + " (the run's own)"
+
+
+def conditions(
+    encoder, labels: list[int] | None, prompts: list[str] | None, n: int | None = None, *, checkpoint: Path
+) -> tuple[torch.Tensor | list[str], str]:
+    """What a command samples: `labels` for a class model (None: balanced over its classes), `prompts`
+    for a caption model, as `checks.class_labels` and `checks.prompts` read them before the model
+    loaded; cycled to `n` (None: one of each). Also returns the npz key that records them. Asking the
+    wrong kind of model names `checkpoint` (`last` may have picked a model of the other kind) and how
+    to pick another."""
+    other = "or pick another model with ckpt_path=<run folder or .ckpt>"
     if encoder.input_key == "caption":
         if labels is not None or prompts is None:
             raise ConfigError(
-                "this is a caption model: give prompts='[\"a thick seven\"]' or prompts_file=<txt>"
+                f"{checkpoint}: this is a caption model: give prompts='[\"a thick seven\"]' or "
+                f"prompts_file=<txt>, {other}"
             )
         return cycle(prompts, n or len(prompts)), "prompts"
     if prompts is not None:
-        raise ConfigError("this is a class-conditional model: give labels=[3,7] (or nothing), not prompts")
+        raise ConfigError(
+            f"{checkpoint}: this is a class-conditional model: give labels=[3,7] (or nothing), not "
+            f"prompts, {other}"
+        )
     if labels is None:
         return encoder.default_inputs(n), "labels"
+    with torch.no_grad():
+        encoder(torch.tensor(labels))  # the encoder checks they are its classes: here, before any progress
     return cycle(torch.tensor(labels), n or len(labels)), "labels"
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of batch `k` of a run seeded `seed`: a 64-bit hash of the pair (numpy's SeedSequence, as
+    `SeedSequence(seed).spawn()` gives child k), so no two (seed, k) pairs share noise; `seed + k` would
+    give seed 1's first batch to seed 0's second."""
+    return int(np.random.SeedSequence(seed, spawn_key=(k,)).generate_state(1, np.uint64)[0])
 
 
 @torch.no_grad()
@@ -95,14 +149,14 @@ def generate_batched(
     guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """uint8 images (N, C, H, W) for `inputs` (labels or prompts), in batches; batch k is seeded with
-    seed + k, so the images do not depend on which command (or callback) asks for them.
+    batch_seed(seed, k), so the images do not depend on which command (or callback) asks for them.
     `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step."""
     chunks = []
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     if progress:
         batches = track(batches, description=f"sampling (guidance {guidance:g})")
     for k, chunk in enumerate(batches):
-        generator = torch.Generator().manual_seed(seed + k)
+        generator = torch.Generator().manual_seed(batch_seed(seed, k))
         images = module.generate(
             chunk, guidance_scale=guidance, sampler=sampler, generator=generator,
             guidance_interval=guidance_interval,

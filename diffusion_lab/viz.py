@@ -2,7 +2,8 @@
 
     dlab-viz plot=schedules               # ᾱ_t and log-SNR vs t for every conf/schedule/*.yaml
     dlab-viz plot=forward index=0         # one real test digit noised at t = 0, T/10, …, T, one row per schedule
-    dlab-viz plot=trajectory ckpt_path=last guidance=2 steps=20 columns=8   # reverse process: GIF + PNG strip
+    dlab-viz plot=trajectory ckpt_path=last steps=20 columns=8   # reverse process: GIF + PNG strip
+                                           # at the run's own guidance (or guidance=2)
 
 Other keys: `timesteps=1000` (T of the schedule plots), `seed=0`, `out=<folder>` (default a run folder
 outputs/viz/runs/<time>_<pid>), `paths.data_dir=<MNIST root>` (see conf/viz.yaml).
@@ -143,22 +144,27 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀ at the same steps)."""
     from PIL import Image
 
-    from diffusion_lab.inference import conditions, load_module
+    from diffusion_lab.inference import conditions, guidance_for, load_module
 
     # Every argument is checked before the model is loaded.
-    scales = checks.guidance_scales(cfg)
-    if len(scales) != 1:
+    asked = checks.optional_guidance_scales(cfg)
+    if asked is not None and len(asked) != 1:
         raise ConfigError(f"guidance={cfg.guidance!r}: the trajectory takes one scale, e.g. guidance=2")
-    guidance = scales[0]
     steps = checks.optional_positive_int(cfg, "steps", 20)
     columns = checks.positive_int(cfg, "columns", 8)
+    seed = checks.non_negative_int(cfg, "seed", 0)
+    labels, prompts = checks.class_labels(cfg), checks.prompts(cfg)
     out = checks.writable_dir(cfg.paths.output_dir)
 
     module, path = load_module(cfg.ckpt_path, "cpu", f"{cfg.paths.log_dir}/train/runs")
-    print(f"trajectory of {path}")
+    (guidance, *more), guidance_words = guidance_for(module, asked)
+    if more:
+        raise ConfigError(f"{path}: the run names the scales {[guidance, *more]}; give one, e.g. guidance=2")
+    print(f"trajectory of {path} at {guidance_words}")
     sampler = module.make_sampler(num_steps=steps) if steps else module.sampler
-    labels, _ = conditions(cfg, module.encoder)  # one row per class, or per prompt of a caption model
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # one row per class, or per prompt of a caption model
+    labels, _ = conditions(module.encoder, labels, prompts, checkpoint=path)
+    generator = torch.Generator().manual_seed(seed)
     _, intermediates = module.generate(labels, guidance, sampler, generator, return_intermediates=True)
     x_t, x0 = (
         torch.stack(intermediates["x_t"], 1),

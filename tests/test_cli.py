@@ -6,6 +6,9 @@ import csv
 import math
 
 import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 from tests.conftest import run_cli
 
@@ -79,7 +82,48 @@ def test_dlab_sample_writes_the_npz_contract(tiny_run, tmp_path):
         assert data["labels"].tolist() == (list(range(10)) + [0, 1]) * 2
         assert data["guidance"].tolist() == [0.0] * 12 + [2.0] * 12
         assert data["guidance_interval"].tolist() == [0.0, math.inf]  # no interval: every step guided
-    assert (out / "samples.png").stat().st_size > 0
+    # The preview: a row per class, one column per guidance scale (digits 2-9 were drawn once each)
+    assert (
+        f"wrote {out / 'samples.npz'} (24 images) and {out / 'samples.png'} (a preview of 20:"
+        in result.stdout
+    )
+    with Image.open(out / "samples.png") as png:
+        assert png.size == (2 * 30 + 2, 10 * 30 + 2)
+
+
+@pytest.mark.slow
+def test_dlab_sample_defaults_to_the_guidance_the_run_names(tiny_run, tmp_path):
+    _, run_dir, _ = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["run_config"]["guidance"] == 1.6  # the recipe's (experiment=mnist_cpu), stored
+    checkpoint["run_config"]["guidance"] = 1.35  # as experiment=mnist_best would store it
+    torch.save(checkpoint, tmp_path / "best.ckpt")
+    args = [f"ckpt_path={tmp_path / 'best.ckpt'}", "n=4", "steps=1", "out=samples"]
+    result = run_cli("dlab-sample", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"sampling from {tmp_path / 'best.ckpt'} at guidance 1.35 (the run's own)" in result.stdout
+    with np.load(tmp_path / "samples" / "samples.npz") as data:
+        assert data["guidance"].tolist() == [np.float32(1.35)] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "args", "line"),
+    [
+        ("dlab-sample", ["prompts=[]"], "error: prompts=[]: the list is empty; give at least one caption"),
+        pytest.param(
+            "dlab-sample", ["device=cuda"], "error: device=cuda: this machine has no GPU that torch can use",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        # FID's bound is checked before the (here missing) evaluator is asked for
+        ("dlab-eval", ["n=100"], "error: n=100: FID needs at least 256 images"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_named_before_the_checkpoint_or_evaluator_loads(tmp_path, command, args, line):
+    result = run_cli(command, *args, cwd=tmp_path, env={"DLAB_CACHE_DIR": str(tmp_path / "no_cache")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    (only,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert only.startswith(line), only
 
 
 def test_dlab_sample_missing_checkpoint_is_clear(tmp_path):

@@ -126,6 +126,7 @@ def test_bad_sampling_arguments_fail_before_writing(tiny_run, tmp_path, override
     _, run_dir, _ = tiny_run
     result = run_cli("dlab-sample", f"ckpt_path={run_dir}", override, "out=samples", cwd=tmp_path)
     assert_one_line_error(result, 2, key)
+    assert "sampling (guidance" not in result.stdout  # no progress bar starts before the error
     assert not (tmp_path / "samples" / "samples.npz").exists()
 
 

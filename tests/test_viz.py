@@ -88,6 +88,7 @@ def test_trajectory_gif_and_strip(tiny_run, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"trajectory of {run_dir / 'checkpoints'}/" in result.stdout
+    assert "last.ckpt at guidance 1.6 (the run's own)" in result.stdout  # no guidance=: the recipe's
     assert (
         f"wrote {out / 'trajectory.gif'}" in result.stdout
         and f"wrote {out / 'trajectory.png'}" in result.stdout

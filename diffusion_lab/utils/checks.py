@@ -26,6 +26,13 @@ def optional_positive_int(cfg: DictConfig, key: str, example: int) -> int | None
     return None if cfg.get(key) is None else positive_int(cfg, key, example)
 
 
+def non_negative_int(cfg: DictConfig, key: str, example: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    if not _is_int(value) or value < 0:
+        raise ConfigError(f"{key}={value!r}: expected a whole number >= 0, e.g. {key}={example}")
+    return value
+
+
 def as_list(value) -> list:
     return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
 
@@ -40,6 +47,11 @@ def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
             f"{key}={cfg.get(key)!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3]"
         )
     return [float(s) for s in scales]
+
+
+def optional_guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float] | None:
+    """null (the checkpoint's own scale, known once it loads) or what `guidance_scales` accepts."""
+    return None if cfg.get(key) is None else guidance_scales(cfg, key)
 
 
 # The interval that `guidance_interval=null` stands for (every step guided), as samples.npz and eval.json record it.
@@ -92,10 +104,11 @@ def prompts(cfg: DictConfig) -> list[str] | None:
     if cfg.get("prompts") is None:
         return None
     found = [str(p).strip() for p in as_list(cfg.prompts)]
-    if not found or not all(found):
-        raise ConfigError(
-            f"prompts={cfg.prompts!r}: expected a caption or a list, e.g. prompts='[\"a thick seven\"]'"
-        )
+    example = "e.g. prompts='[\"a thick seven\"]'"
+    if not found:
+        raise ConfigError(f"prompts=[]: the list is empty; give at least one caption, {example}")
+    if not all(found):
+        raise ConfigError(f"prompts={cfg.prompts!r}: holds an empty caption; give text for each, {example}")
     return found
 
 

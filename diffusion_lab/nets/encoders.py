@@ -96,7 +96,7 @@ class _CaptionEncoder(nn.Module):
         The first caption that does not fit is a warning naming the limit and its length."""
         cuts = self._cuts(list(captions))
         if not self.warned_cut:
-            for caption, (tokens, seen) in zip(captions, cuts, strict=True):
+            for tokens, seen in cuts:
                 if tokens > self.max_length:
                     log.warning(
                         "a caption has %d tokens, more than the text encoder's limit of %d "

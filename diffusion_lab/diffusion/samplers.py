@@ -64,8 +64,8 @@ class Sampler:
         T = self.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise ConfigError(
-                f"{num_steps} sampling steps asked for (steps=, or sampler.num_steps in training) but the "
-                f"training schedule has {T} timesteps: use 1 to {T} steps"
+                f"steps={num_steps}: the training schedule has {T} timesteps, so use 1 to {T} sampling steps "
+                "(steps= of dlab-sample, dlab-eval and dlab-viz; sampler.num_steps in training)"
             )
         if spacing == "leading":
             ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -106,18 +105,6 @@ def test_a_requeued_slurm_job_finds_its_run_folder_and_resumes(tmp_path, uninter
     assert [p.name for p in run_dir.parent.iterdir()] == ["slurm_4242"]
     assert list(run_dir.glob(".hydra/rerun_*/config.yaml"))  # the requeue's record, beside the first
     _assert_same_weights(run_dir, uninterrupted)
-
-
-def test_optuna_search_writes_the_best_value_of_the_optimized_metric(tmp_path):
-    result = run_cli(
-        "dlab-train", "hparams_search=mnist_optuna", "debug=tiny", "hydra.sweeper.n_trials=3", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    losses = [yaml.safe_load((sweep / j / "metrics.json").read_text())["val/loss"] for j in "012"]
-    assert best["best_value"] == pytest.approx(min(losses))
-    assert set(best["best_params"]) == {"optimizer.lr", "callbacks.ema.decay", "loss.min_snr_gamma"}
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:

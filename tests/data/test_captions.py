@@ -26,7 +26,7 @@ from PIL import Image
 from diffusion_lab.data.captions import CaptionedImageDataModule, shard_pattern
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError, DataError
-from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import DATA_DIR, ROOT, run_cli
 
 COLOUR = (200, 40, 40)  # the picture's centre; PIL "L" makes it round(0.299 R + 0.587 G + 0.114 B) = 88
 
@@ -546,3 +546,19 @@ def test_truncated_shard_raises_naming_the_byte_or_is_skipped_and_listed(tmp_pat
     assert listed == dm.bad_samples and listed[0].startswith(f"{shards[1]}: is truncated at byte {cut}")
     lost_line = f"{shards[1]}:{lost}: is lost: the shard is cut at byte {cut}"
     assert [line[: len(lost_line)] for line in listed[1:]] == ([lost_line] if lost else [])
+
+
+@pytest.mark.slow
+def test_a_cut_shard_is_one_line_through_dlab_train(tmp_path):
+    """The installed command, from an empty folder, with the README's shard pattern: the cut shard stops
+    setup with one line naming it and the byte, before any training (the other data mistakes are tested
+    on the DataModule above; they reach the user through the same entry wrapper)."""
+    cut, _ = cut_at(digit_shards(tmp_path / "shards")[1], "between samples")
+    result = run_cli(
+        "dlab-train", "experiment=mnist_text_adaln", "debug=tiny", "data.root='shards/{00000..00002}.tar'",
+        "data.val_root=null", "data.on_bad_sample=raise", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert re.search(rf"shards/00001.tar is truncated at byte {cut}\b.*on_bad_sample=skip", line), line

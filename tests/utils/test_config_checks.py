@@ -41,7 +41,8 @@ def test_a_bad_value_is_one_line_naming_the_key_before_anything_is_built(compose
 def test_sampler_steps_beyond_the_schedule_name_both_keys(compose_cfg):
     cfg = compose_cfg("debug=tiny", "schedule.num_timesteps=10", "sampler.num_steps=20")
     with pytest.raises(
-        ConfigError, match=r"steps=20: the training schedule has 10 timesteps, so use 1 to 10 .*sampler.num_steps"
+        ConfigError,
+        match=r"steps=20: the training schedule has 10 timesteps, so use 1 to 10 .*sampler.num_steps",
     ):
         check_run_config(cfg)
 

@@ -51,22 +51,18 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_optuna_trial_is_failed_and_the_search_goes_on(tmp_path):
-    """Three trials, two at a time in joblib worker processes. With seed 0, the random sampler picks lr
-    1e9 (diverges), 1e-3, 1e9: the failed trials are told FAIL, and the search goes on to its third."""
+    """Two trials, one after the other. With seed 0, the random sampler picks lr 1e9 (diverges), then
+    1e-3: the failed trial is told FAIL, and the search goes on to the next."""
     result = run_cli(
         "dlab-train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
-        "optimizer.lr=choice(1e-3,1e9)", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
-        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, cwd=tmp_path,
+        "optimizer.lr=choice(1e-3,1e9)", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", *TINY, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
-    for number in (0, 2):
-        assert f"Optuna trial {number} failed (its job returned no value); the search goes on" in (
-            result.stdout
-        )
+    assert "Optuna trial 0 failed (its job returned no value); the search goes on" in result.stdout
     (sweep,) = (tmp_path / "outputs" / "debug" / "multiruns").iterdir()
     jobs = [(j.status, j.overrides["optimizer.lr"]) for j in load_jobs(sweep)]
-    assert jobs == [("failed", "1000000000.0"), ("ok", "0.001"), ("failed", "1000000000.0")]
-    assert f"sweep {sweep}: 3 jobs: 1 ok, 0 interrupted, 2 failed, 0 nan, 0 missing" in result.stderr
+    assert jobs == [("failed", "1000000000.0"), ("ok", "0.001")]
+    assert f"sweep {sweep}: 2 jobs: 1 ok, 0 interrupted, 1 failed, 0 nan, 0 missing" in result.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"optimizer.lr": 0.001}
     assert best["best_value"] == json.loads((sweep / "1" / "metrics.json").read_text())["val/loss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -190,16 +191,32 @@ def captioned_mnist(tmp_path_factory) -> Path:
     return once_per_session(tmp_path_factory, "captions", make) / "captioned_mnist"
 
 
+# What a test or fixture calls when it starts a process (an installed command, DDP ranks, a build).
+STARTS_A_PROCESS = ("run_cli(", "start_training(", "subprocess.", "BIN_DIR", "_run(")
+
+
+def _starts_a_process(function) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in STARTS_A_PROCESS)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, see pyproject.toml) tests go to whichever worker is free, so
+    """Every test that starts a process, itself or through a fixture, is marked `slow`, so
+    `pytest -m "not slow"` runs the unit tests alone; a test cannot forget the marker.
+
+    Under pytest-xdist (`--dist loadgroup`, see pyproject.toml) tests go to whichever worker is free, so
     a module-scoped fixture (a built wheel, a training run) would be made once per worker: the tests that
     use one are kept together on one worker instead."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group"):
+        if info is None:
             continue
         defs = [d for name in info.names_closure for d in info.name2fixturedefs.get(name, ())]
-        if any(d.scope == "module" for d in defs):
+        if _starts_a_process(getattr(item, "function", None)) or any(_starts_a_process(d.func) for d in defs):
+            item.add_marker(pytest.mark.slow)
+        if xdist and not item.get_closest_marker("xdist_group") and any(d.scope == "module" for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -15,11 +15,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def positive_int(cfg: DictConfig, key: str, example: int) -> int:
+def _int_at_least(cfg: DictConfig, key: str, example: int, least: int, what: str) -> int:
     value = OmegaConf.select(cfg, key)  # also a dotted key: data.batch_size
-    if not _is_int(value) or value < 1:
-        raise ConfigError(f"{key}={value!r}: expected a positive whole number, e.g. {key}={example}")
+    if not _is_int(value) or value < least:
+        raise ConfigError(f"{key}={value!r}: expected {what}, e.g. {key}={example}")
     return value
+
+
+def positive_int(cfg: DictConfig, key: str, example: int) -> int:
+    return _int_at_least(cfg, key, example, 1, "a positive whole number")
 
 
 def optional_positive_int(cfg: DictConfig, key: str, example: int) -> int | None:
@@ -27,10 +31,7 @@ def optional_positive_int(cfg: DictConfig, key: str, example: int) -> int | None
 
 
 def non_negative_int(cfg: DictConfig, key: str, example: int) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not _is_int(value) or value < 0:
-        raise ConfigError(f"{key}={value!r}: expected a whole number >= 0, e.g. {key}={example}")
-    return value
+    return _int_at_least(cfg, key, example, 0, "a whole number >= 0")
 
 
 def as_list(value) -> list:

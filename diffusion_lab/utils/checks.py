@@ -11,13 +11,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from diffusion_lab.errors import ConfigError
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """A whole number, and not a bool (which Python counts as an int)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_at_least(cfg: DictConfig, key: str, example: int, least: int, what: str) -> int:
     value = OmegaConf.select(cfg, key)  # also a dotted key: data.batch_size
-    if not _is_int(value) or value < least:
+    if not is_int(value) or value < least:
         raise ConfigError(f"{key}={value!r}: expected {what}, e.g. {key}={example}")
     return value
 
@@ -80,7 +81,7 @@ def class_labels(cfg: DictConfig, key: str = "labels") -> list[int] | None:
     if cfg.get(key) is None:
         return None
     labels = as_list(cfg.get(key))
-    if not labels or not all(_is_int(v) and v >= 0 for v in labels):
+    if not labels or not all(is_int(v) and v >= 0 for v in labels):
         raise ConfigError(
             f"{key}={cfg.get(key)!r}: expected class labels (whole numbers from 0), "
             f"e.g. {key}=3 or {key}=[3,7] (or {key}=null for all classes)"

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from diffusion_lab import CONFIG_DIR
-from diffusion_lab.errors import Interrupted, UserError
+from diffusion_lab.errors import Interrupted, UserError, exit_with
 from diffusion_lab.utils import config_checks, resolvers, sweep_callback
 from diffusion_lab.utils.sweeps import write_status
 
@@ -117,8 +117,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], object]], Ca
             try:  # before Hydra reads the files: it would print a traceback
                 config_checks.check_user_config_files(sys.argv[1:])
             except UserError as err:
-                print(f"error: {err}", file=sys.stderr)
-                sys.exit(err.exit_code)
+                exit_with(err)
             for pattern in IGNORED_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(guarded)

@@ -5,6 +5,8 @@ says what was expected, and says how to fix it."""
 from __future__ import annotations
 
 import signal
+import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -48,8 +50,8 @@ class Interrupted(UserError):
         self.step = step
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
-    @staticmethod
-    def describes(message: str) -> bool:
-        """Whether a job's error.txt line is this error's message: a resumable stop (a deadline, a
-        preemption), which sweep reports list as interrupted rather than failed."""
-        return message.startswith("stopped by SIG") and "Resume with: " in message
+
+def exit_with(err: UserError) -> NoReturn:
+    """How a command ends on a known mistake: its one line on stderr and its exit code."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)

@@ -13,7 +13,7 @@ grouped by the first key and coloured by the second.
 A job's status is `ok`, `interrupted` (stopped by a signal after saving `interrupted.ckpt`: running the
 same command into the same folder resumes it), `failed` (any other error), `nan` (a metric is NaN or
 infinite), or `missing` (no record of an end: never ran, still running, or killed without a trace).
-A sweep from before status.json existed is judged by each job's `error.txt`.
+A job from before status.json existed counts as failed if it left an `error.txt`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from omegaconf import DictConfig
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import checks
+from diffusion_lab.utils.plots import plt
 from diffusion_lab.utils.sweeps import EXAMPLE, Job, load_jobs, summary
 
 CELL_WIDTH = 80  # longer Markdown cells (error messages) are cut; report.csv keeps them whole
 
 
 def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return checks.is_number(value) and math.isfinite(value)
 
 
 def _ordered_keys(dicts) -> list[str]:
@@ -95,11 +96,6 @@ def finite_jobs(jobs: list[Job], metric: str) -> list[Job]:
 
 def plot_metric(jobs: list[Job], metric: str, path: Path) -> Path:
     """Bar chart of one metric over the jobs where it is a finite number (see the module docstring)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = finite_jobs(jobs, metric)
     vary = varying_keys(jobs)
     if len(vary) == 2:  # grouped: x = values of the first key, one bar colour per value of the second

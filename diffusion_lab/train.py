@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.callbacks.checkpointing import VerifiedCheckpointIO
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError, DivergedError
 from diffusion_lab.utils.checkpoints import find_checkpoint, newest_checkpoint, picked_line, read_checkpoint
@@ -130,7 +131,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if sweeper_optimises() and str(cfg.get("optimized_metric")).startswith("val/"):
         callbacks.append(ValidatesBeforeTheEnd(cfg.optimized_metric))
     loggers = [build(f"logger {k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
-    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Every checkpoint is read back once written; the trainer config's own plugins (SLURM's) stay.
+    plugins = [build("trainer plugin", p) for p in cfg.trainer.get("plugins") or []] + [
+        VerifiedCheckpointIO()
+    ]
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.run_config)
 

@@ -103,8 +103,8 @@ def test_truncated_metrics_json_is_a_failed_job(tmp_path):
 
 
 def test_status_comes_from_status_json_and_old_sweeps_from_error_txt(tmp_path):
-    """status.json decides, whatever error.txt says; a job folder from before status.json existed is
-    judged by its error.txt line."""
+    """status.json decides, whatever error.txt says; a job folder from before status.json existed
+    failed if it holds an error.txt, whose wording is never parsed."""
     stopped = Interrupted(signal.SIGTERM, 7, tmp_path / "interrupted.ckpt", "dlab-train")
     make_job(tmp_path, 0, ["seed=0"], None, stopped)
     (tmp_path / "0" / "error.txt").write_text("this line is for people\n")
@@ -116,7 +116,7 @@ def test_status_comes_from_status_json_and_old_sweeps_from_error_txt(tmp_path):
     (tmp_path / "3" / "error.txt").write_text("ValueError: boom\n")
     jobs = report.load_jobs(tmp_path)
     assert [(j.status, j.message) for j in jobs] == [
-        ("interrupted", str(stopped)), ("ok", ""), ("interrupted", str(stopped)), ("failed", "ValueError: boom"),
+        ("interrupted", str(stopped)), ("ok", ""), ("failed", str(stopped)), ("failed", "ValueError: boom"),
     ]  # fmt: skip
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.fabric.plugins.io import torch_io
 from omegaconf import open_dict
 
-from diffusion_lab.callbacks.checkpointing import VerifiedModelCheckpoint
+from diffusion_lab.callbacks.checkpointing import VerifiedCheckpointIO
 from diffusion_lab.errors import CheckpointError
 from diffusion_lab.train import train
 from diffusion_lab.utils.instantiate import build_module
@@ -111,22 +111,29 @@ def test_resume_from_missing_checkpoint_is_an_error(compose_cfg, tmp_path):
         train(cfg)
 
 
-def test_a_checkpoint_that_was_not_written_fails_the_run(tmp_path):
-    """Lightning's writer can swallow a PermissionError; the verified callback notices the missing file."""
-    callback = VerifiedModelCheckpoint(dirpath=tmp_path)
-    trainer = SimpleNamespace(
-        save_checkpoint=lambda *args: None, global_step=3, is_global_zero=True, loggers=[]
-    )
+def test_a_checkpoint_that_was_not_written_fails_the_run(tmp_path, monkeypatch):
+    """Lightning's writer can swallow a PermissionError; the verifying writer notices the missing file."""
+    writer = VerifiedCheckpointIO()
+    checkpoint = {"state_dict": {"w": torch.zeros(1000)}}
+    monkeypatch.setattr(torch_io, "_atomic_save", lambda *args: None)
     with pytest.raises(CheckpointError, match="does not exist"):
-        callback._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
+        writer.save_checkpoint(checkpoint, str(tmp_path / "last.ckpt"))
 
-    def truncated(path, *args):
-        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    def truncated(checkpoint, path):
+        torch.save(checkpoint, path)
         Path(path).write_bytes(Path(path).read_bytes()[:-500])
 
-    trainer.save_checkpoint = truncated
+    monkeypatch.setattr(torch_io, "_atomic_save", truncated)
     with pytest.raises(CheckpointError, match="saving the checkpoint .*last.ckpt failed"):
-        callback._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
+        writer.save_checkpoint(checkpoint, str(tmp_path / "last.ckpt"))
+    monkeypatch.undo()
+    writer.save_checkpoint(checkpoint, str(tmp_path / "last.ckpt"))  # a whole file passes
+
+
+def test_training_checkpoints_go_through_the_verifying_writer(compose_cfg, tmp_path):
+    cfg = compose_cfg("debug=tiny")
+    _, objects = train(cfg)
+    assert isinstance(objects["trainer"].strategy.checkpoint_io, VerifiedCheckpointIO)
 
 
 def test_sample_grid_every_n_epochs_counts_from_one(compose_cfg, tmp_path):

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion_lab.errors import Interrupted
 from diffusion_lab.utils.checkpoints import verify_checkpoint
@@ -24,19 +25,23 @@ from diffusion_lab.utils.cluster import requeue_slurm_job
 log = logging.getLogger("diffusion_lab")
 
 
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, then a read-back: a file that is missing or incomplete fails the
+    run (the writer can swallow a PermissionError and leave no file behind). A trainer plugin, so it
+    checks every save (ModelCheckpoint's and `Preemption`'s); Lightning calls it on global rank 0."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        verify_checkpoint(path)
+
+
 class VerifiedModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that fails the run when a file it saved is missing or incomplete
-    (Lightning's writer can swallow a PermissionError and leave no file behind), and that saves
-    nothing under `fast_dev_run` (Lightning's end-of-training `save_last` forgets to check it)."""
+    """ModelCheckpoint that saves nothing under `fast_dev_run` (Lightning's end-of-training `save_last`
+    forgets to check it). The files it writes are verified by `VerifiedCheckpointIO`."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.fast_dev_run:
             super().on_train_end(trainer, pl_module)
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            verify_checkpoint(filepath)
 
 
 class Preemption(Checkpoint):
@@ -103,11 +108,9 @@ class Preemption(Checkpoint):
         if not signum:
             return
         path = self.dirpath / "interrupted.ckpt"
-        trainer.save_checkpoint(path)
-        if trainer.is_global_zero:
-            verify_checkpoint(path)
-            if signum in self.requeue_signals:
-                requeue_slurm_job()
+        trainer.save_checkpoint(path)  # verified by VerifiedCheckpointIO
+        if trainer.is_global_zero and signum in self.requeue_signals:
+            requeue_slurm_job()
         raise Interrupted(signum, trainer.global_step, path, resume_command(self.dirpath.parent))
 
 

@@ -16,6 +16,11 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _int_at_least(cfg: DictConfig, key: str, example: int, least: int, what: str) -> int:
     value = OmegaConf.select(cfg, key)  # also a dotted key: data.batch_size
     if not is_int(value) or value < least:
@@ -42,9 +47,7 @@ def as_list(value) -> list:
 def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
     """One number or a list of numbers >= 0 (0 unconditional, 1 conditional, > 1 guided)."""
     scales = as_list(cfg.get(key))
-    if not scales or not all(
-        isinstance(s, int | float) and not isinstance(s, bool) and s >= 0 for s in scales
-    ):
+    if not scales or not all(is_number(s) and s >= 0 for s in scales):
         raise ConfigError(
             f"{key}={cfg.get(key)!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3]"
         )
@@ -66,7 +69,7 @@ def guidance_interval(cfg: DictConfig, key: str = "guidance_interval") -> tuple[
     if value is None:
         return None
     bounds = as_list(value)
-    numbers = all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+    numbers = all(is_number(b) for b in bounds)
     if len(bounds) != 2 or not numbers or not 0 <= bounds[0] < bounds[1]:
         raise ConfigError(
             f"{key}={value!r}: expected [σ_lo, σ_hi], the noise levels σ = √((1 − ᾱ)/ᾱ) between which "

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.strategies.launchers import subprocess_script
 
 log = logging.getLogger("diffusion_lab")
 
@@ -70,8 +73,6 @@ def _job_command(local_rank: int) -> tuple[list[str], str]:
     (lightning-hydra-template issue 393). The job's own overrides and folder make the rank join its job.
     Only training starts DDP ranks, so the entry is always `diffusion_lab.train`.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     hydra = HydraConfig.get()
     # The module, not `sys.argv[0]`: in a joblib or submitit worker that is the worker's own entry.
     command = [
@@ -85,11 +86,22 @@ def _job_command(local_rank: int) -> tuple[list[str], str]:
 
 
 def ddp_ranks_join_their_job() -> None:
-    """Make Lightning start extra DDP ranks with `_job_command` (a no-op where Lightning changed)."""
-    from lightning.pytorch.strategies.launchers import subprocess_script
+    """Make Lightning start extra DDP ranks with `_job_command`.
 
-    if hasattr(subprocess_script, "_hydra_subprocess_cmd"):
-        subprocess_script._hydra_subprocess_cmd = _job_command
+    Lightning has no public hook for the command of a DDP rank: its launcher
+    (`_SubprocessScriptLauncher._call_children_scripts`) calls the module-level function
+    `_hydra_subprocess_cmd(local_rank) -> (command, cwd)` whenever Hydra is in use. This is the one
+    place that replaces a private Lightning function; checked against Lightning 2.5 to 2.6.6, and
+    tests/utils/test_cluster.py fails if the launcher stops calling it. If a Lightning release drops
+    it, single runs still work, and the warning says what a multirun would do.
+    """
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
+        log.warning(
+            "this Lightning version has no _hydra_subprocess_cmd: DDP ranks of a -m sweep would each "
+            "rerun the whole sweep; run DDP jobs one at a time or use torchrun/SLURM"
+        )
+        return
+    subprocess_script._hydra_subprocess_cmd = _job_command
 
 
 # What Lightning's DDP launcher leaves in this process's environment for the ranks it starts.
@@ -107,8 +119,6 @@ def one_ddp_group_per_job() -> Iterator[None]:
     try:
         yield
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         for name, value in before.items():
@@ -132,8 +142,6 @@ def check_ranks_agree(trainer, module: torch.nn.Module) -> None:
     apart would save whichever rank 0 had, so it fails instead."""
     if trainer.world_size < 2:
         return
-    import torch.distributed as dist
-
     digest = parameter_digest(module)
     log.info("rank %d: parameters sha256 %s", trainer.global_rank, digest)
     digests: list = [None] * trainer.world_size

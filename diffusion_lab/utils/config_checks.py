@@ -28,6 +28,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.utils import checks
 from diffusion_lab.utils.checks import positive_int
 from diffusion_lab.utils.instantiate import config_errors, config_path
 
@@ -90,9 +91,9 @@ def _accepts(annotation, value) -> bool | None:
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return checks.is_int(value)
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return checks.is_number(value)
     if annotation is str:
         return isinstance(value, str)
     return None

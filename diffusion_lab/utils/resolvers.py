@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from diffusion_lab.errors import ConfigError, UserError
+from diffusion_lab.errors import ConfigError, UserError, exit_with
 from diffusion_lab.utils import cluster
 from diffusion_lab.utils.checkpoints import find_checkpoint, run_dir_of
 from diffusion_lab.utils.checks import writable_dir
@@ -31,8 +30,7 @@ def _run_dir(out, runs_dir: str) -> str:
     try:
         writable_dir(path, "out" if out else "paths.log_dir")
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        exit_with(err)
     return path
 
 

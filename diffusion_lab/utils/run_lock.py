@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from diffusion_lab.errors import UserError
+from diffusion_lab.errors import UserError, exit_with
 from diffusion_lab.utils import cluster
 
 LOCK_NAME = "run.lock"
@@ -127,8 +127,7 @@ def _or_exit(folder: str) -> None:
     try:
         acquire(folder)
     except RunFolderBusy as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        exit_with(err)
 
 
 class RunFolderLock(Callback):

@@ -23,6 +23,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from diffusion_lab.errors import ConfigError, DataError, Interrupted
+from diffusion_lab.utils import checks
 
 STATUS_FILE = "status.json"
 STATUSES = ("ok", "interrupted", "failed", "nan", "missing")
@@ -49,7 +50,8 @@ def write_status(folder: Path, error: BaseException | None = None, message: str 
 
 def read_status(folder: Path) -> dict | None:
     """A run's status.json, or None when the run left no record of its end (never ran, still running,
-    killed). A folder from before status.json existed is judged by its `error.txt` line."""
+    killed). A folder from before status.json existed and holding an `error.txt` counts as failed, with
+    that file's first line as the message (the line is for people: its wording is never parsed)."""
     path, error_txt = Path(folder) / STATUS_FILE, Path(folder) / "error.txt"
     if path.is_file():
         try:
@@ -58,7 +60,7 @@ def read_status(folder: Path) -> dict | None:
             return {"status": "failed", "error": None, "message": f"{STATUS_FILE} is not valid JSON ({err})"}
     if error_txt.is_file():
         message = (error_txt.read_text().strip().splitlines() or ["(error.txt is empty)"])[0]
-        return {"status": "interrupted" if Interrupted.describes(message) else "failed", "message": message}
+        return {"status": "failed", "message": message}
     return None
 
 
@@ -71,10 +73,6 @@ def parse_override(text: str) -> tuple[str, str]:
     """`+model.lr=1e-3` → ("model.lr", "1e-3"); Hydra's `+`/`++`/`~` prefixes don't change the key."""
     key, _, value = str(text).partition("=")
     return key.lstrip("+~"), value
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -95,7 +93,7 @@ class Job:
 
     @property
     def non_finite(self) -> list[str]:
-        return [k for k, v in (self.metrics or {}).items() if _is_number(v) and not math.isfinite(v)]
+        return [k for k, v in (self.metrics or {}).items() if checks.is_number(v) and not math.isfinite(v)]
 
     @property
     def message(self) -> str:

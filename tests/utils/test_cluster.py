@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
 import pytest
 import torch
+from lightning.pytorch.strategies.launchers import subprocess_script
 
 from diffusion_lab.utils import cluster
 
@@ -108,3 +110,26 @@ def test_ranks_with_different_weights_fail(monkeypatch):
 def test_ranks_with_the_same_weights_pass(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_gather_object", _gather_with(None))
     cluster.check_ranks_agree(_FakeTrainer(), torch.nn.Linear(3, 2))
+
+
+def test_lightning_still_builds_rank_commands_with_the_function_we_replace():
+    """`ddp_ranks_join_their_job` replaces a private Lightning function: this fails loudly the day a
+    Lightning release renames it, changes its signature or stops calling it."""
+    signature = inspect.signature(subprocess_script._hydra_subprocess_cmd)
+    assert list(signature.parameters) == ["local_rank"]
+    launcher = inspect.getsource(subprocess_script._SubprocessScriptLauncher._call_children_scripts)
+    assert "command, cwd = _hydra_subprocess_cmd(local_rank)" in launcher
+
+
+def test_ddp_ranks_join_their_job_installs_the_job_command(monkeypatch):
+    monkeypatch.setattr(subprocess_script, "_hydra_subprocess_cmd", subprocess_script._hydra_subprocess_cmd)
+    cluster.ddp_ranks_join_their_job()
+    assert subprocess_script._hydra_subprocess_cmd is cluster._job_command
+
+
+def test_a_lightning_without_the_function_gets_a_warning(monkeypatch, caplog):
+    monkeypatch.delattr(subprocess_script, "_hydra_subprocess_cmd")
+    with caplog.at_level(logging.WARNING, logger="diffusion_lab"):
+        cluster.ddp_ranks_join_their_job()
+    assert "would each rerun the whole sweep" in caplog.text
+    assert not hasattr(subprocess_script, "_hydra_subprocess_cmd")

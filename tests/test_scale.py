@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.train import objective
-from tests.conftest import run_cli, start_training
+from tests.conftest import once_per_session, run_cli, start_training
 
 # A tiny run long enough to interrupt: one long epoch, no validation before it ends.
 LONG = ["debug=tiny", "trainer.limit_train_batches=2000", "trainer.max_steps=30"]
@@ -37,13 +37,15 @@ def _interrupt(
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> dict:
-    """The weights of the LONG run without any interruption."""
-    cwd = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli("dlab-train", *LONG, f"out={cwd / 'run'}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _weights(cwd / "run")
+    """The weights of the LONG run without any interruption (trained once for all xdist workers)."""
+
+    def make(cwd: Path) -> None:
+        result = run_cli("dlab-train", *LONG, f"out={cwd / 'run'}", cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return _weights(once_per_session(tmp_path_factory, "uninterrupted", make) / "run")
 
 
 def _assert_same_weights(run_dir: Path, expected: dict) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from diffusion_lab.inference import resolve_sampler
 from diffusion_lab.train import train
-from tests.conftest import run_cli
+from tests.conftest import once_per_session, run_cli
 
 
 def caption_data(folder) -> list[str]:
@@ -45,17 +47,25 @@ def test_rgb_32px_images_train(compose_cfg, tmp_path):
     metrics, objects = train(cfg)
     module = objects["module"]
     assert (module.net.in_channels, module.net.image_size) == (3, 32) and objects["trainer"].global_step == 1
-    samples = module.generate(["a red square"], sampler=module.make_sampler(num_steps=2))
+    samples = module.generate(["a red square"], sampler=resolve_sampler(module, None, 2))
     assert samples.shape == (1, 3, 32, 32) and torch.isfinite(samples).all()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def text_run(captioned_mnist, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("text_run")
-    result = run_cli(
-        "dlab-train", "experiment=mnist_text_concat", "debug=tiny", *caption_data(captioned_mnist), cwd=cwd
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """A tiny caption model, trained once for all xdist workers."""
+
+    def make(cwd: Path) -> None:
+        result = run_cli(
+            "dlab-train",
+            "experiment=mnist_text_concat",
+            "debug=tiny",
+            *caption_data(captioned_mnist),
+            cwd=cwd,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    cwd = once_per_session(tmp_path_factory, "text_run", make)
     (run_dir,) = (cwd / "outputs" / "debug" / "runs").iterdir()
     assert (run_dir / "samples" / "step_0000003.png").is_file()  # the grid of the experiment's prompts
     return run_dir

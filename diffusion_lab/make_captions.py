@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> Path:
     n = checks.positive_int(cfg, "n", 10000)
     n_val = checks.positive_int(cfg, "n_val", 1000)
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not checks.is_int(seed):
         raise ConfigError(f"seed={seed!r}: expected a whole number, e.g. seed=0")
     phrasing = cfg.get("phrasing")
     if not isinstance(phrasing, str) or phrasing not in PHRASINGS:

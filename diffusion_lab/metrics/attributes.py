@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.data.mnist import load_split
 from diffusion_lab.utils.images import to_model_range, to_unit
 
 # Class names in increasing order of the raw value (index 0 below the low tertile, 2 above the high).
@@ -128,15 +129,8 @@ def measure_batched(images: torch.Tensor, batch_size: int = 10_000) -> dict[str,
 
 @functools.lru_cache(maxsize=4)
 def _train_values(root: str) -> dict[str, torch.Tensor]:
-    from diffusion_lab.data.mnist import load_split  # data code imports this module, not the reverse
-
+    """Raw values of all 60k MNIST train digits under `root`, measured once per process (a few seconds)."""
     return measure_batched(load_split(root, train=True)[0])
-
-
-def train_values(data_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Raw values of all 60k MNIST train digits under `data_dir`, measured once per process (a few seconds)."""
-    values = _train_values(str(Path(data_dir).expanduser().resolve()))
-    return {name: v.clone() for name, v in values.items()}  # callers cannot corrupt the cache
 
 
 def train_thresholds(data_dir: str | Path) -> dict[str, tuple[float, float]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from diffusion_lab.errors import DataError
@@ -98,6 +98,32 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return torch.cat(out)
 
 
+def _train_epoch(
+    model: MNISTClassifier,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    max_shift: int,
+    gen: torch.Generator,
+    bar: Progress,
+    task: TaskID,
+) -> float:
+    """One pass over a `gen`-seeded permutation of the training set; returns the last batch's loss."""
+    order = torch.randperm(len(labels), generator=gen)
+    for step in range(math.ceil(len(labels) / batch_size)):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        x = to_model_range(images[idx])
+        loss = F.cross_entropy(model(_shift(x, max_shift, gen) if max_shift else x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update(task, advance=1, loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
 def train_classifier(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -131,23 +157,14 @@ def train_classifier(
         task = bar.add_task("classifier", total=epochs * steps_per_epoch, loss="-")
         for epoch in range(epochs):
             bar.update(task, description=f"classifier epoch {epoch + 1}/{epochs}")
-            order = torch.randperm(len(train_labels), generator=gen)
-            for step in range(steps_per_epoch):
-                idx = order[step * batch_size : (step + 1) * batch_size]
-                x = to_model_range(train_images[idx])
-                loss = F.cross_entropy(
-                    model(_shift(x, max_shift, gen) if max_shift else x), train_labels[idx]
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(task, advance=1, loss=f"{loss.item():.3f}")
+            loss = _train_epoch(
+                model, opt, sched, train_images, train_labels, batch_size, max_shift, gen, bar, task
+            )
             epoch_accuracy.append((predict(model, test_images) == test_labels).float().mean().item())
             if progress:
                 bar.console.print(
                     f"classifier epoch {epoch + 1}/{epochs}: test accuracy {epoch_accuracy[-1]:.4f}, "
-                    f"loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s"
+                    f"loss {loss:.3f}, {time.perf_counter() - start:.0f} s"
                 )
     model.eval()
     info = {

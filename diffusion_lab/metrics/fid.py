@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.classifier import MNISTClassifier, evaluator_dir, load_classifier
 from diffusion_lab.utils.images import to_uint8
@@ -118,8 +119,6 @@ class MNISTEvaluator:
     def from_cache(cls, cache_dir: str | Path, data_dir: str | Path, holdout: int = 10_000, **kwargs):
         """Cached classifier (`dlab-train-evaluator`) + MNIST test split as the reference + a seeded
         `holdout`-image subset of the train split for the floor; features cached next to the classifier."""
-        from diffusion_lab.data.mnist import load_split
-
         images, labels = load_split(data_dir, train=False, dataset="mnist")
         train_images, _ = load_split(data_dir, train=True, dataset="mnist")
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:holdout]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.data import mnist_captions
+from diffusion_lab import make_captions
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.attributes import ATTRIBUTES, classify, measure, train_thresholds
 from tests.conftest import DATA_DIR, run_cli
@@ -94,7 +94,7 @@ def test_captions_say_what_the_png_measures(captioned):
 
 def test_digit_phrasing_names_only_the_digit(compose_cfg, tmp_path):
     # In-process (the installed command is exercised above): same run(cfg), without a second startup.
-    mnist_captions.run(compose_cfg("n=50", "n_val=20", "phrasing=digit", config_name="make_captions"))
+    make_captions.run(compose_cfg("n=50", "n_val=20", "phrasing=digit", config_name="make_captions"))
     rows = [json.loads(line) for split in ("train", "val") for line in read_lines(tmp_path / split)]
     assert len(rows) == 70
     for row in rows:
@@ -114,5 +114,5 @@ def test_zero_images_fail_in_one_line(tmp_path):
 
 def test_unknown_phrasing_lists_the_choices(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"phrasing='poem'.*attributes, digit"):
-        mnist_captions.run(compose_cfg("phrasing=poem", config_name="make_captions"))
+        make_captions.run(compose_cfg("phrasing=poem", config_name="make_captions"))
     assert not (tmp_path / "train").exists()

@@ -19,7 +19,6 @@ from diffusion_lab.metrics.attributes import (
     measure_batched,
     tertiles,
     train_thresholds,
-    train_values,
 )
 from diffusion_lab.utils.images import to_model_range
 from tests.conftest import DATA_DIR
@@ -93,8 +92,9 @@ def test_an_empty_image_measures_zero():
 
 def test_train_tertiles_split_mnist_into_thirds():
     thresholds = train_thresholds(DATA_DIR)
-    values = train_values(DATA_DIR)
+    values = measure_batched(load_split(DATA_DIR, train=True)[0])
     assert len(values["width"]) == 60_000
+    assert thresholds == {name: tertiles(v) for name, v in values.items()}  # the train split's, not another
     for name, index in classify_indices(values, thresholds).items():
         low, high = thresholds[name]
         assert low < high

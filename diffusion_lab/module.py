@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.diffusion.samplers import Sampler, sample
+from diffusion_lab.diffusion.samplers import Sampler
+from diffusion_lab.diffusion.sampling import sample
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.errors import DivergedError
 
@@ -125,7 +126,6 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float = 1.0,
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
-        guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         return_intermediates: bool = False,
         progress: bool = False,
@@ -145,7 +145,6 @@ class DiffusionModule(L.LightningModule):
                 condition=condition,
                 null_condition=null,
                 guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
                 guidance_interval=guidance_interval,
                 generator=generator,
                 device=self.device,

@@ -1,4 +1,4 @@
-"""Samplers (DDPM, DDIM, DPM-Solver++(2M)) and the sampling loop with classifier-free guidance.
+"""Samplers: DDPM, DDIM and DPM-Solver++(2M) steps (the loop that runs them is `sampling.sample`).
 
 A sampler is separate from the training schedule (diffusers' `set_timesteps` / `step` protocol): it reads
 the schedule's float64 ᾱ once and runs on any subset of the T training timesteps. Every batch element shares
@@ -17,8 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffusion_lab.condition import Condition
-from diffusion_lab.diffusion.schedules import NoiseSchedule, _check_prediction_type, split_prediction
+from diffusion_lab.diffusion.schedules import NoiseSchedule, check_prediction_type, split_prediction
 from diffusion_lab.errors import ConfigError
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -46,7 +45,7 @@ class Sampler:
         spacing: str = "leading",
         clip_sample: bool = True,
     ):
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         self.prediction_type, self.clip_sample = prediction_type, clip_sample
         self.num_train_timesteps = schedule.num_timesteps
         self.alphas_cumprod = schedule.alphas_cumprod_f64.tolist()  # Python floats (float64)
@@ -233,91 +232,3 @@ class DPMSolverPP2MSampler(Sampler):
         prev = (sigma_s / sigma_t) * x + data_coef * d
         self._prev_x0, self._prev_lambda = x0, lam_t
         return StepOutput(prev, x0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sampling loop with classifier-free guidance
-# ---------------------------------------------------------------------------------------------------------
-
-
-def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Lin et al. (2023) §3.4, as diffusers' `rescale_noise_cfg`: rescale the guided output to the
-    per-sample std of the conditional output (fixes over-exposure at high guidance), blended by
-    φ = `guidance_rescale`."""
-    dims = list(range(1, cond.ndim))
-    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
-
-
-def noise_level(alpha_cumprod: float) -> float:
-    """EDM's σ = √((1 − ᾱ)/ᾱ), the noise level of x_t/√ᾱ (inf at ᾱ = 0): schedule-independent, so a
-    guidance interval given in σ means the same thing under every noise schedule."""
-    return math.inf if alpha_cumprod <= 0 else math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-
-
-@torch.no_grad()
-def sample(
-    model,
-    sampler: Sampler,
-    shape,
-    condition: Condition | None = None,
-    null_condition: Condition | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] | None = None,
-    generator: torch.Generator | None = None,
-    device="cpu",
-    return_intermediates: bool = False,
-    progress: bool = False,
-):
-    """Run `sampler` from x_T ~ N(0, I) of `shape`, calling `model(x, t_batch, condition) -> output`.
-
-    Classifier-free guidance (diffusers/DiT convention): out = u + s·(c − u) on the raw model output, which
-    is linear in x̂₀ and ε̂ for every prediction type. s = 1 is the conditional model alone (null pass
-    skipped), s = 0 the unconditional one (conditional pass skipped); otherwise both passes run as ONE
-    forward on the doubled batch. A `null_condition` of batch 1 is repeated to the batch size.
-    Without `null_condition` no guidance is possible: s must then be 1 unless `condition` is None.
-    `guidance_interval` = (σ_lo, σ_hi) guides only the steps with σ_lo < σ_t ≤ σ_hi (Kynkäänniemi et al.
-    2024: guidance at high noise costs diversity, at low noise it does little); the other steps use s = 1,
-    one pass on the conditional batch. None guides every step.
-
-    Returns the samples, or (samples, {"x_t": inputs of each step, "x0": x̂₀ of each step}) on CPU.
-    """
-    if null_condition is None and condition is not None and guidance_scale != 1.0:
-        raise ValueError("guidance_scale != 1 needs a null_condition for the unconditional pass")
-    x = torch.randn(tuple(shape), generator=generator).to(device)
-    batch = x.shape[0]
-    guided = condition is not None and null_condition is not None and guidance_scale != 1.0
-    if guided and null_condition.batch_size == 1 and batch > 1:
-        null_condition = null_condition.repeat_interleave(batch)
-    if guided and guidance_scale != 0.0:
-        both = Condition.cat([condition, null_condition])  # built once, reused at every step
-    sampler.reset()
-    intermediates = {"x_t": [], "x0": []}
-
-    timesteps = sampler.timesteps.tolist()
-    if progress:
-        from tqdm.auto import tqdm
-
-        timesteps = tqdm(timesteps, desc="sampling")
-    for t in timesteps:
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        if not guided or not _in_interval(noise_level(sampler.alphas_cumprod[t]), guidance_interval):
-            out = model(x, t_batch, condition)
-        elif guidance_scale == 0.0:
-            out = model(x, t_batch, null_condition)
-        else:
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), both).chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-            if guidance_rescale > 0:
-                out = rescale_noise_cfg(out, cond, guidance_rescale)
-        step = sampler.step(out, t, x, generator=generator)
-        if return_intermediates:
-            intermediates["x_t"].append(x.cpu())
-            intermediates["x0"].append(step.pred_x0.cpu())
-        x = step.prev_sample
-    return (x, intermediates) if return_intermediates else x
-
-
-def _in_interval(sigma: float, interval: tuple[float, float] | None) -> bool:
-    return interval is None or interval[0] < sigma <= interval[1]

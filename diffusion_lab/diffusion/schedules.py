@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.utils.checks import is_int
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# Buffers that earlier versions also saved (β, α, ᾱ_{t−1} and the DDPM posterior terms) though nothing
+# read them; checkpoints from then still hold them, so loading drops them (NoiseSchedule._load_from_state_dict).
+RETIRED_BUFFERS = (
+    "betas", "alphas", "alphas_cumprod_prev", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------
 # Beta curves (pure, float64, shape (T,))
@@ -90,7 +97,7 @@ BETA_SCHEDULES = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         options = ", ".join(PREDICTION_TYPES)
         raise ConfigError(f"Unknown prediction_type {prediction_type!r}; options: {options}")
@@ -103,7 +110,7 @@ def split_prediction(model_output, x_t, alpha, sigma, prediction_type: str):
     sample:  ε̂ = (x_t − α x̂₀)/σ
     v:       x̂₀ = α x_t − σ v,  ε̂ = σ x_t + α v      (v = α ε − σ x₀, Salimans & Ho 2022; α² + σ² = 1)
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return (x_t - sigma * model_output) / alpha, model_output
     if prediction_type == "sample":
@@ -113,7 +120,7 @@ def split_prediction(model_output, x_t, alpha, sigma, prediction_type: str):
 
 def join_prediction(x0, eps, alpha, sigma, prediction_type: str):
     """The model output (regression target) of `prediction_type` for x₀ and ε: ε, x₀ or v = α ε − σ x₀."""
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":
@@ -127,13 +134,10 @@ def join_prediction(x0, eps, alpha, sigma, prediction_type: str):
 
 
 class NoiseSchedule(nn.Module):
-    """β → ᾱ, SNR and DDPM posterior terms as buffers; `add_noise`, training targets and loss weights.
+    """β → ᾱ, √ᾱ, √(1 − ᾱ), SNR and log-SNR as buffers; `add_noise`, training targets and loss weights.
 
-    Posterior q(x_{t−1} | x_t, x₀) = N(c₁ x₀ + c₂ x_t, β̃_t) with
-    c₁ = β_t √ᾱ_{t−1}/(1 − ᾱ_t),  c₂ = (1 − ᾱ_{t−1}) √α_t/(1 − ᾱ_t),  β̃_t = β_t (1 − ᾱ_{t−1})/(1 − ᾱ_t).
-
-    With `zero_terminal_snr=True`, ᾱ_{T−1} = 0 exactly (SNR 0, log-SNR −inf); every posterior term stays
-    finite. Pair it with v_prediction: an ε-predictor cannot recover x₀ at that step (x̂₀ divides by √ᾱ = 0).
+    With `zero_terminal_snr=True`, ᾱ_{T−1} = 0 exactly (SNR 0, log-SNR −inf). Pair it with v_prediction:
+    an ε-predictor cannot recover x₀ at that step (x̂₀ divides by √ᾱ = 0).
     """
 
     def __init__(
@@ -142,9 +146,9 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         if kind not in BETA_SCHEDULES:
             raise ConfigError(f"Unknown schedule kind {kind!r}; options: {', '.join(BETA_SCHEDULES)}")
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+        if not is_int(num_timesteps) or num_timesteps < 2:
             # A ValueError, not a ConfigError: the key that set it differs by command (build() names it).
-            # One step leaves the posterior log-variance (read from step 1) empty.
+            # One noise level is no diffusion (and zero_terminal_snr would divide by √ᾱ_0 − √ᾱ_0 = 0).
             raise ValueError(
                 f"num_timesteps is the number of training noise levels, a whole number >= 2, not {num_timesteps!r}"
             )
@@ -154,36 +158,26 @@ class NoiseSchedule(nn.Module):
             betas = rescale_zero_terminal_snr(betas)
 
         # Everything in float64 first; only the stored buffers are rounded to float32.
-        alphas = 1 - betas
-        ac = torch.cumprod(alphas, 0)
-        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-        # 1 − ᾱ_t ≥ β_0 > 0 for every t, so the divisions below are safe even when ᾱ_T = 0.
+        ac = torch.cumprod(1 - betas, 0)
+        # 1 − ᾱ_t ≥ β_0 > 0 for every t, so the division below is safe even when ᾱ_T = 0.
         one_minus_ac = 1 - ac
-        posterior_variance = betas * (1 - ac_prev) / one_minus_ac
-        # β̃_0 = 0, so log-variance uses β̃_1 at t=0 (as in improved-DDPM / DiT).
-        posterior_log_variance_clipped = torch.log(
-            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
-        )
-        snr = ac / one_minus_ac
 
         #: float64 CPU copy of ᾱ for samplers (plain attribute: not moved by `.to()`, not in state_dict).
         self.alphas_cumprod_f64 = ac
         buffers = {
-            "betas": betas,
-            "alphas": alphas,
             "alphas_cumprod": ac,
-            "alphas_cumprod_prev": ac_prev,
             "sqrt_alphas_cumprod": ac.sqrt(),
             "sqrt_one_minus_alphas_cumprod": one_minus_ac.sqrt(),
-            "snr": snr,
+            "snr": ac / one_minus_ac,
             "log_snr": torch.log(ac) - torch.log(one_minus_ac),  # −inf where ᾱ = 0
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": posterior_log_variance_clipped,
-            "posterior_mean_coef1": betas * ac_prev.sqrt() / one_minus_ac,
-            "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / one_minus_ac,
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in RETIRED_BUFFERS:  # an old checkpoint's extra buffers, not "unexpected keys"
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, T={self.num_timesteps}, zero_terminal_snr={self.zero_terminal_snr}"
@@ -213,20 +207,6 @@ class NoiseSchedule(nn.Module):
         """Regression target: ε, x₀, or v = √ᾱ ε − √(1 − ᾱ) x₀."""
         return join_prediction(x0, noise, *self._alpha_sigma(t, x0), prediction_type)
 
-    def predict_x0_eps(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂₀, ε̂) from a model output of `prediction_type` (see `split_prediction`)."""
-        return split_prediction(model_output, x_t, *self._alpha_sigma(t, x_t), prediction_type)
-
-    def x0_to_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε = (x_t − √ᾱ x₀)/√(1 − ᾱ)."""
-        return split_prediction(x0, x_t, *self._alpha_sigma(t, x_t), "sample")[1]
-
-    def eps_to_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x₀ = (x_t − √(1 − ᾱ) ε)/√ᾱ (inf where ᾱ = 0)."""
-        return split_prediction(eps, x_t, *self._alpha_sigma(t, x_t), "epsilon")[0]
-
     def loss_weight(
         self, t: torch.Tensor, kind: str = "uniform", prediction_type: str = "epsilon", gamma: float = 5.0
     ) -> torch.Tensor:
@@ -238,7 +218,7 @@ class NoiseSchedule(nn.Module):
           sample:  min(SNR, γ)
           v:       min(SNR, γ)/(SNR + 1)
         """
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         snr = self.snr[t.to(self.snr.device).long()].to(t.device)
         if kind == "uniform":
             return torch.ones_like(snr)

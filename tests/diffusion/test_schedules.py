@@ -5,13 +5,16 @@ import math
 import diffusers  # a [dev] dependency: the reference implementation, tests only
 import pytest
 import torch
+from torch import nn
 
 from diffusion_lab.diffusion.schedules import (
     BETA_SCHEDULES,
+    RETIRED_BUFFERS,
     NoiseSchedule,
     linear_betas,
     rescale_zero_terminal_snr,
     sigmoid_betas,
+    split_prediction,
 )
 
 DIFFUSERS_KINDS = {
@@ -87,37 +90,41 @@ def test_unknown_kind_names_options():
         NoiseSchedule("quadratic")
 
 
+BUFFERS = ["alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "snr", "log_snr"]
+
+
 def test_buffers_move_and_are_saved():
     s = NoiseSchedule("cosine", num_timesteps=100)
-    names = [
-        "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "snr", "log_snr", "posterior_variance",
-        "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    ]  # fmt: skip
     state = s.state_dict()
-    for n in names:
-        assert n in state and getattr(s, n).dtype == torch.float32 and getattr(s, n).shape == (100,)
-    assert "alphas_cumprod_f64" not in state
+    assert sorted(state) == sorted(BUFFERS)  # "alphas_cumprod_f64" and the retired buffers are not saved
+    for n in BUFFERS:
+        assert getattr(s, n).dtype == torch.float32 and getattr(s, n).shape == (100,)
     s.to(torch.float64)
-    for n in names:
+    for n in BUFFERS:
         assert getattr(s, n).dtype == torch.float64
     assert s.num_timesteps == 100
 
 
-def test_posterior_terms_closed_form():
+def test_an_old_state_dict_with_the_retired_buffers_loads():
+    """Checkpoints saved before the buffers were retired hold them too, under the module's prefix."""
+    old, new = NoiseSchedule("linear", num_timesteps=50), NoiseSchedule("linear", num_timesteps=50)
+    state = {f"schedule.{k}": v for k, v in old.state_dict().items()}
+    state |= {f"schedule.{name}": torch.rand(50) for name in RETIRED_BUFFERS}
+    state["schedule.snr"] = torch.full((50,), 7.0)  # shows that the kept buffers are read
+    nn.ModuleDict({"schedule": new}).load_state_dict(state)  # strict: no unexpected keys
+    assert torch.equal(new.snr, torch.full((50,), 7.0)) and not any(hasattr(new, n) for n in RETIRED_BUFFERS)
+    with pytest.raises(RuntimeError, match="Unexpected key.*schedule.posterior_betas"):
+        nn.ModuleDict({"schedule": new}).load_state_dict(
+            {**state, "schedule.posterior_betas": torch.ones(50)}
+        )
+
+
+def test_snr_closed_form():
     s = NoiseSchedule("linear", num_timesteps=50)
-    b = s.betas.double()
-    ac = torch.cumprod(1 - b, 0)
-    acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    ac = torch.cumprod(1 - torch.linspace(20 * 1e-4, 20 * 0.02, 50, dtype=torch.float64), 0)  # 1000/T = 20
     t = 17
-    assert s.posterior_variance[t].item() == pytest.approx(
-        (b[t] * (1 - acp[t]) / (1 - ac[t])).item(), rel=1e-5
-    )
-    c1 = b[t] * acp[t].sqrt() / (1 - ac[t])
-    c2 = (1 - acp[t]) * (1 - b[t]).sqrt() / (1 - ac[t])
-    assert s.posterior_mean_coef1[t].item() == pytest.approx(c1.item(), rel=1e-5)
-    assert s.posterior_mean_coef2[t].item() == pytest.approx(c2.item(), rel=1e-5)
     assert s.snr[t].item() == pytest.approx((ac[t] / (1 - ac[t])).item(), rel=1e-5)
+    assert s.log_snr[t].item() == pytest.approx(math.log(ac[t] / (1 - ac[t])), rel=1e-5)
 
 
 def test_add_noise_closed_form():
@@ -135,6 +142,15 @@ def test_add_noise_closed_form():
     torch.testing.assert_close(s.add_noise(x0, eps, t), ref, atol=1e-5, rtol=0)
 
 
+def split(s, model_output, x_t, t, prediction_type):
+    """(x̂₀, ε̂) from a model output, with the α = √ᾱ_t and σ = √(1 − ᾱ_t) that `add_noise` used."""
+    alpha, sigma = (
+        buf[t].to(x_t).view(-1, *[1] * (x_t.ndim - 1))
+        for buf in (s.sqrt_alphas_cumprod, s.sqrt_one_minus_alphas_cumprod)
+    )
+    return split_prediction(model_output, x_t, alpha, sigma, prediction_type)
+
+
 @pytest.mark.parametrize("zero_snr", [False, True])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_prediction_round_trips(prediction_type, zero_snr):
@@ -144,18 +160,16 @@ def test_prediction_round_trips(prediction_type, zero_snr):
     t = torch.tensor([0, 1, 250, 500, 900, 998])
     x_t = s.add_noise(x0, eps, t)
     out = s.target(prediction_type, x0, eps, t)
-    x0_hat, eps_hat = s.predict_x0_eps(out, x_t, t, prediction_type)
+    x0_hat, eps_hat = split(s, out, x_t, t, prediction_type)
     torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=0)
     # through every other parameterisation and back. ε → x₀ divides by √ᾱ and x₀ → ε by √(1 − ᾱ), which
     # amplify the float32 rounding of the buffers (α² + σ² ≠ 1 exactly), so only the middle timesteps here
     mid = slice(2, -1)
     for other in ["epsilon", "sample", "v_prediction"]:
-        back = s.predict_x0_eps(s.target(other, x0_hat, eps_hat, t), x_t, t, other)
+        back = split(s, s.target(other, x0_hat, eps_hat, t), x_t, t, other)
         torch.testing.assert_close(back[0][mid], x0[mid], atol=1e-5, rtol=0)
         torch.testing.assert_close(back[1][mid], eps[mid], atol=1e-5, rtol=0)
-    torch.testing.assert_close(s.x0_to_eps(x0, x_t, t), eps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(s.eps_to_x0(eps, x_t, t), x0, atol=1e-5, rtol=0)
     # v by its definition √ᾱ ε − √(1−ᾱ) x₀
     ac = s.alphas_cumprod_f64[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(s.target("v_prediction", x0, eps, t), ac.sqrt() * eps - (1 - ac).sqrt() * x0)
@@ -166,7 +180,7 @@ def test_v_prediction_recovers_x0_at_zero_terminal_snr():
     x0, eps, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([999, 999])
     x_t = s.add_noise(x0, eps, t)
     torch.testing.assert_close(x_t, eps)  # pure noise
-    x0_hat, eps_hat = s.predict_x0_eps(s.target("v_prediction", x0, eps, t), x_t, t, "v_prediction")
+    x0_hat, eps_hat = split(s, s.target("v_prediction", x0, eps, t), x_t, t, "v_prediction")
     torch.testing.assert_close(x0_hat, x0)
 
 

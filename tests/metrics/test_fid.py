@@ -81,3 +81,47 @@ def test_real_features_are_cached(cache_dir, evaluator):
     again = MNISTEvaluator.from_cache(cache_dir, DATA_DIR)
     assert torch.equal(again.real_features, evaluator.real_features)
     assert again.real_features.shape == (10_000, 128)
+
+
+# Known answers (moved from tests/test_known_answers.py): the floor is by definition the FID of held-out
+# real digits, and noise scores far above it.
+
+
+def test_fid_floor_is_the_fid_of_the_held_out_real_images(cache_dir, data_dir):
+    """With 500 held-out train digits as the evaluator's holdout, fid_real_floor(500) is by definition their
+    FID against the reference (the test split), so evaluating exactly those images must give fid = floor; a
+    finite sample of real digits sits clearly above 0. Uniform noise, evaluated first, must not move it."""
+    train_images, train_labels = load_split(data_dir, train=True)
+    test_images, test_labels = load_split(data_dir, train=False)
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:500]
+    held_out, held_out_labels = train_images[pick], train_labels[pick]
+    evaluator = MNISTEvaluator(
+        load_classifier(cache_dir), test_images, test_labels, holdout_images=held_out, kid_subsets=10
+    )
+    noise = torch.randint(
+        0, 256, (500, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    fake = evaluator.evaluate(noise, held_out_labels)
+    real = evaluator.evaluate(held_out, held_out_labels)
+    assert real["fid_real_floor_n"] == 500 and real["fid_real_floor"] > 1.0
+    assert real["fid"] == pytest.approx(real["fid_real_floor"], rel=1e-3)
+    assert fake["fid_real_floor"] == real["fid_real_floor"]
+    assert real["accuracy"] > 0.97
+
+
+def test_noise_scores_far_above_the_floor(cache_dir, data_dir):
+    """The shipped evaluator (test split reference, train-split holdout): real train digits score near the
+    floor (draws of 500 spread by about ±50%) with accuracy > 0.97; uniform noise scores > 100× the floor with
+    chance accuracy (≈ 0.1); the floor is the same for both and clearly above 0."""
+    evaluator = MNISTEvaluator.from_cache(cache_dir, data_dir, kid_subsets=10)
+    train_images, train_labels = load_split(data_dir, train=True)
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(2))[:500]
+    noise = torch.randint(
+        0, 256, (500, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    fake = evaluator.evaluate(noise, train_labels[pick])
+    real = evaluator.evaluate(train_images[pick], train_labels[pick])
+    floor = real["fid_real_floor"]
+    assert floor > 1.0 and fake["fid_real_floor"] == floor
+    assert 0.4 * floor < real["fid"] < 2.5 * floor and real["accuracy"] > 0.97
+    assert fake["fid"] > 100 * floor and fake["accuracy"] < 0.3

@@ -71,3 +71,18 @@ def test_every_experiment_composes_and_builds(compose_cfg, experiment):
 def test_every_debug_recipe_composes(compose_cfg, debug):
     cfg = compose_cfg(f"debug={debug}")
     build_all(cfg)
+
+
+# Each size's net with adaLN conditioning, counted once (conf/model/*.yaml's headers round them): the sizes
+# inherit from unet_small, so a key inherited or overridden by mistake changes the count.
+NET_PARAMETERS = {
+    "unet_tiny": 190_289, "unet_small": 2_518_241, "unet_medium": 3_543_265, "unet_base": 14_368_193,
+    "unet_patch2": 4_289_220,
+}  # fmt: skip
+
+
+def test_model_sizes_are_one_chain_with_known_parameter_counts(compose_cfg):
+    assert set(NET_PARAMETERS) == {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+    for size, expected in NET_PARAMETERS.items():
+        module = build_module(compose_cfg(f"model={size}", "conditioning=adaln"))
+        assert sum(p.numel() for p in module.net.parameters()) == expected, size

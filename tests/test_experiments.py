@@ -3,6 +3,9 @@ Compose checks only (nothing here needs a GPU); `benchmarks/gpu_run.sh` trains t
 
 from __future__ import annotations
 
+import pytest
+from omegaconf import OmegaConf
+
 from diffusion_lab.utils.instantiate import build_module
 from tests.conftest import CONF_DIR
 
@@ -27,7 +30,7 @@ def test_gpu_recipe_is_bf16_compiled_and_larger_batch(compose_cfg):
 
 def test_best_recipe_is_the_default_recipe_scaled_up_on_a_gpu(compose_cfg):
     """mnist_best keeps the default recipe's net and method and trains it on far more images, in fp32
-    (measured so, eager): its header's figures hold only for that."""
+    (measured so, eager): the figures benchmarks/README.md gives for it hold only for that."""
     best, cpu = compose_cfg("experiment=mnist_best"), compose_cfg()
     assert best.trainer.accelerator == "gpu" and best.trainer.precision == "32-true"
     assert best.module.compile is False
@@ -39,8 +42,9 @@ def test_best_recipe_is_the_default_recipe_scaled_up_on_a_gpu(compose_cfg):
     assert best.callbacks.ema.decay > cpu.callbacks.ema.decay  # a window that grows with the run
     assert "best" in best.tags
     header = (CONF_DIR / "experiment" / "mnist_best.yaml").read_text()
-    assert "GPU" in header and "99%" in header and "guidance 1.35" in header  # where, what for, how
-    assert 1.35 in best.callbacks.sample_grid.guidance_scales
+    assert "GPU" in header and "99%" in header  # where, what for
+    assert "benchmarks/README.md" in header  # its evidence, kept out of the config
+    assert best.guidance == 1.35 and best.guidance in best.callbacks.sample_grid.guidance_scales
 
 
 def test_best_recipe_on_the_cpu_changes_only_the_device(compose_cfg):
@@ -70,3 +74,25 @@ def test_gpu_run_sweep_job_is_the_cpu_recipe_on_a_gpu(compose_cfg):
         assert job[key] == cpu[key], key
     assert job.trainer.max_steps == cpu.trainer.max_steps
     build_module(job)
+
+
+VARIANTS = {  # each experiment here is its base with one other conditioning method
+    "mnist_concat": ["mnist_adaln", "mnist_cross_attn"],
+    "mnist_text_adaln": ["mnist_text_concat", "mnist_text_cross_attn"],
+}
+
+
+@pytest.mark.parametrize(("base", "variants"), VARIANTS.items(), ids=list(VARIANTS))
+def test_conditioning_variants_change_only_the_method(compose_cfg, base, variants):
+    """A sweep over these experiments compares conditioning methods: nothing else may differ."""
+
+    def rest(cfg):  # unresolved, so the net's `conditioning: ${conditioning}` reads the same
+        return {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("conditioning", "tags")}
+
+    reference = compose_cfg(f"experiment={base}")
+    for variant in variants:
+        cfg = compose_cfg(f"experiment={variant}")
+        method = variant.removeprefix("mnist_").removeprefix("text_")
+        assert cfg.tags == [*reference.tags[:-1], method], variant
+        assert cfg.conditioning._target_ != reference.conditioning._target_, variant
+        assert rest(cfg) == rest(reference), variant

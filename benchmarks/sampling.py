@@ -2,7 +2,7 @@
 at which each sampler stays within 1 point of accuracy and 10% FID of DDPM with 1000 steps.
 
 For a trained checkpoint (`--ckpt`: a .ckpt, a run folder or `last`), with `diffusion_lab.inference`
-(load_module with the EMA weights, sampler_for, generate_batched: the same seeds as `dlab-eval`):
+(load_module with the EMA weights, resolve_sampler, generate_batched: the same seeds as `dlab-eval`):
 
 - speed: DDPM 1000, DDIM 50, DPM-Solver++ 10 and 20, img/s over `--n` images (CFG: the conditional
   and unconditional passes batched together);
@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab import CONFIG_DIR
-from diffusion_lab.inference import generate_batched, load_module, sampler_for
+from diffusion_lab.inference import generate_batched, load_module, resolve_sampler
 from diffusion_lab.metrics.targets import targets_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling.json"
@@ -49,7 +50,7 @@ class Runner:
         self.cuda = args.device.startswith("cuda")
 
     def __call__(self, name: str, steps: int) -> tuple[torch.Tensor, float]:
-        sampler = sampler_for(self.module, sampler_config(name), steps)
+        sampler = resolve_sampler(self.module, instantiate(sampler_config(name)), steps)
         bf16 = self.args.precision == "bf16"
         autocast = (
             torch.autocast(self.args.device.split(":")[0], torch.bfloat16)

@@ -1,4 +1,5 @@
-"""The `Condition` container that every condition encoder returns and every net reads."""
+"""The `Condition` container that every condition encoder returns and every net reads, and `cycle`, which
+stretches what an encoder reads (labels or prompts) to a sample count for every layer that asks for samples."""
 
 from __future__ import annotations
 
@@ -47,3 +48,9 @@ class Condition:
             mask=self.mask.repeat_interleave(repeats, 0),
             pooled=self.pooled.repeat_interleave(repeats, 0),
         )
+
+
+def cycle(items: torch.Tensor | list, n: int) -> torch.Tensor | list:
+    """`items` repeated to length `n`: labels stay a tensor, prompts (or caption rows) a list."""
+    repeats = (n + len(items) - 1) // len(items)
+    return items.repeat(repeats)[:n] if torch.is_tensor(items) else (list(items) * repeats)[:n]

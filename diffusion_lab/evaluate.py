@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import generate_batched, load_module, pick_device, sampler_for
+from diffusion_lab.inference import generate_batched, load_module, pick_device, resolve_sampler
 from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
 from diffusion_lab.metrics.targets import Targets, targets_for
@@ -95,24 +95,16 @@ def check_arguments(cfg: DictConfig) -> None:
         )
 
 
-def run(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
-    check_arguments(cfg)
-    device = pick_device(cfg.device)
-    out = checks.writable_dir(cfg.paths.output_dir)
-    evaluator = MNISTEvaluator.from_cache(cfg.paths.cache_dir, cfg.paths.data_dir)
-    evaluator.require(cfg.n)
-    evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
-    module, path = load_module(cfg.ckpt_path, device, f"{cfg.paths.log_dir}/train/runs")
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
+def sampler_factories(cfg: DictConfig) -> tuple:
+    """(the guidance sweep's sampler partial, or None for the run's own; {name: partial} of the steps
+    sweep), instantiated from their configs before the model loads."""
+    own = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    return own, {name: instantiate(cfg.samplers[name]) for name in cfg.steps_sweep.samplers}
 
-    targets = targets_for(module, cfg.n, cfg.get("captions"))
-    sweep_targets = targets_for(module, cfg.steps_sweep.n, cfg.get("captions"))
 
-    # ---------------------------------------------------------------- guidance sweep
-    sampler = sampler_for(module, cfg.get("sampler"), cfg.steps)
-    results["sampler"] = {"name": type(sampler).__name__, "steps": sampler.num_steps}
+def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets) -> dict:
+    """The results' `sampler`, `guidance_interval`, `guidance` (a row per scale) and `fid_real_floor`."""
+    results = {"sampler": {"name": type(sampler).__name__, "steps": sampler.num_steps}}
     interval = checks.guidance_interval(cfg) or checks.EVERY_STEP
     # JSON has no infinity: an open upper bound is written "inf".
     results["guidance_interval"] = [b if math.isfinite(b) else "inf" for b in interval]
@@ -121,30 +113,33 @@ def run(cfg: DictConfig) -> dict:
         results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)
         log.info("guidance %g: %s", scale, {k: v for k, v in results["guidance"][str(scale)].items()
                                              if k in ("fid", "accuracy", "fid_real_floor", "attribute_agreement")})  # fmt: skip
-    guidance_rows = list(results["guidance"].values())
-    results["fid_real_floor"] = guidance_rows[0]["fid_real_floor"]
+    results["fid_real_floor"] = next(iter(results["guidance"].values()))["fid_real_floor"]
+    return results
 
-    # ---------------------------------------------------------------- steps sweep
+
+def steps_sweep(cfg: DictConfig, evaluator, module, samplers: dict, targets: Targets) -> dict:
+    """{sampler name: {steps: row}} at `steps_sweep.guidance`; `samplers` holds each name's sampler per
+    step count."""
     sweep = cfg.steps_sweep
-    results["steps"] = {}
-    for name in sweep.samplers:
-        rows = []
-        for steps in sweep.steps:
-            sweep_sampler = sampler_for(module, cfg.samplers[name], steps)
-            rows.append(score(evaluator, module, sweep_sampler, sweep_targets, sweep.guidance, cfg))
-        results["steps"][name] = {str(s): r for s, r in zip(sweep.steps, rows, strict=True)}
-    results["seconds"] = time.perf_counter() - start
+    return {
+        name: {
+            str(s): score(evaluator, module, by_steps[s], targets, sweep.guidance, cfg) for s in sweep.steps
+        }
+        for name, by_steps in samplers.items()
+    }
 
-    # ---------------------------------------------------------------- outputs
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
+
+def plot_results(cfg: DictConfig, results: dict, out: Path, loggers) -> None:
+    """guidance.png, and steps.png unless `steps_sweep.samplers=[]` skipped the sweep (no empty figure)."""
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    plot_sweep(ax_fid, ax_acc, checks.guidance_scales(cfg), guidance_rows, results["sampler"]["name"],
-               results["fid_real_floor"])  # fmt: skip
+    plot_sweep(ax_fid, ax_acc, checks.guidance_scales(cfg), list(results["guidance"].values()),
+               results["sampler"]["name"], results["fid_real_floor"])  # fmt: skip
     ax_fid.set(xlabel="guidance scale", ylabel="FID-MNIST", yscale="log", title=f"N = {cfg.n}")
     ax_acc.set(xlabel="guidance scale", ylabel="conditional accuracy", ylim=(0, 1.02))
     ax_fid.legend()
     save_figure(fig, out / "guidance.png", loggers)
-    if results["steps"]:  # `steps_sweep.samplers=[]` skips the sweep: no empty figure
+    if results["steps"]:
+        sweep = cfg.steps_sweep
         fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
         for name, rows in results["steps"].items():
             plot_sweep(ax_fid, ax_acc, list(sweep.steps), list(rows.values()), name)
@@ -154,6 +149,9 @@ def run(cfg: DictConfig) -> dict:
         ax_fid.legend()
         save_figure(fig, out / "steps.png", loggers)
 
+
+def log_results(results: dict, loggers) -> None:
+    """The guidance sweep's numbers (and the floor) to every logger, one `eval/<metric>@g<scale>` each."""
     flat = {
         f"eval/{k}@g{s}": r[k]
         for s, r in results["guidance"].items()
@@ -167,6 +165,36 @@ def run(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_metrics(flat | {"eval/fid_real_floor": results["fid_real_floor"]})
         logger.save()
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    check_arguments(cfg)
+    own_factory, sweep_factories = sampler_factories(cfg)
+    device = pick_device(cfg.device)
+    out = checks.writable_dir(cfg.paths.output_dir)
+    evaluator = MNISTEvaluator.from_cache(cfg.paths.cache_dir, cfg.paths.data_dir)
+    evaluator.require(cfg.n)
+    evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
+    module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
+
+    targets = targets_for(module, cfg.n, cfg.get("captions"))
+    sweep_targets = targets_for(module, cfg.steps_sweep.n, cfg.get("captions"))
+    sampler = resolve_sampler(module, own_factory, cfg.steps)
+    # Every sampler of the steps sweep is built now, so a step count the schedule lacks fails before sampling.
+    sweep_samplers = {
+        name: {s: resolve_sampler(module, factory, s) for s in cfg.steps_sweep.steps}
+        for name, factory in sweep_factories.items()
+    }
+    results |= guidance_sweep(cfg, evaluator, module, sampler, targets)
+    results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets)
+    results["seconds"] = time.perf_counter() - start
+
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    plot_results(cfg, results, out, loggers)
+    log_results(results, loggers)
     log.info("wrote %s (%.0f s)", out / "eval.json", results["seconds"])
     return results
 

@@ -1,24 +1,27 @@
 """Using a trained model: load it from a checkpoint, pick a sampler, generate labelled images in batches.
 
-The library behind `dlab-sample`, `dlab-eval`, `dlab-viz trajectory` and the validation callbacks.
+The library behind `dlab-sample`, `dlab-eval`, `dlab-viz trajectory` and the validation callbacks. It takes
+plain values (a path, labels, prompts, a sampler partial, a step count), never a command's config.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from rich.progress import track
 
+from diffusion_lab.condition import cycle
+from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.checkpoints import find_checkpoint, picked_line, read_checkpoint
 from diffusion_lab.utils.images import to_uint8
-from diffusion_lab.utils.instantiate import build_module
+from diffusion_lab.utils.instantiate import build_sampling_module
 
 log = logging.getLogger("diffusion_lab")
 
@@ -51,8 +54,8 @@ def pick_device(name: str) -> torch.device:
 def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_dir="outputs/train/runs"):
     """(module with the EMA weights, eval mode, on `device`; the checkpoint's path).
 
-    The module is rebuilt from the run config stored in the checkpoint; the EMA callback stores the
-    averaged weights as the checkpoint's `state_dict`.
+    The module is rebuilt from the run config stored in the checkpoint, with only what sampling needs (no
+    optimizer or LR schedule); the EMA callback stores the averaged weights as the checkpoint's `state_dict`.
     """
     path = find_checkpoint(str(ckpt_path), runs_dir)
     log.info(picked_line(str(ckpt_path), path, runs_dir))
@@ -68,25 +71,22 @@ def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_
             f"{path} has non-finite weights ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}): the run "
             "diverged before it was saved. Use an earlier checkpoint or retrain with a lower optimizer.lr."
         )
-    module = build_module(OmegaConf.create(checkpoint["run_config"]))
+    module = build_sampling_module(OmegaConf.create(checkpoint["run_config"]))
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["run_config"]
     return module.to(device).eval(), path
 
 
-def cycle(items: torch.Tensor | list[str], n: int) -> torch.Tensor | list[str]:
-    """`items` repeated to length `n`: labels stay a tensor, prompts a list."""
-    repeats = (n + len(items) - 1) // len(items)
-    return items.repeat(repeats)[:n] if torch.is_tensor(items) else (list(items) * repeats)[:n]
-
-
-def sampler_for(module, sampler_cfg: DictConfig | None, steps: int | None):
-    """The run's own sampler, or one from `conf/sampler/*`, with `steps` steps if given."""
+def resolve_sampler(
+    module, factory: Callable[..., Sampler] | None = None, steps: int | None = None
+) -> Sampler:
+    """The sampler to generate with, the one place that decides it (dlab-sample, dlab-eval, dlab-viz and the
+    validation callbacks): `factory` (a `conf/sampler/*` partial the command instantiated), else the run's
+    own, on the module's schedule and prediction type, with `steps` steps (None: the sampler's own)."""
     overrides = {"num_steps": steps} if steps is not None else {}
-    if sampler_cfg is None:
-        return module.make_sampler(**overrides)
-    factory = instantiate(sampler_cfg)
-    return factory(schedule=module.schedule, prediction_type=module.hparams.prediction_type, **overrides)
+    return (factory or module.sampler_factory)(
+        schedule=module.schedule, prediction_type=module.hparams.prediction_type, **overrides
+    )
 
 
 def guidance_for(module, asked: list[float] | None) -> tuple[list[float], str]:

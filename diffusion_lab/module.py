@@ -8,6 +8,7 @@ validation and stores it as the checkpoint's `state_dict`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -21,6 +22,14 @@ from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.errors import DivergedError
 
 
+def fixed_total_steps(lr_scheduler: Callable) -> int | None:
+    """The `total_steps` an LR-schedule partial was given (`lr_scheduler.total_steps=<n>`), read from its
+    public signature (where a partial's keywords are defaults); None when neither the config nor the schedule
+    function names a length, or it is null: `configure_optimizers` then passes the run's own length."""
+    parameter = inspect.signature(lr_scheduler).parameters.get("total_steps")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 class DiffusionModule(L.LightningModule):
     def __init__(
         self,
@@ -28,7 +37,7 @@ class DiffusionModule(L.LightningModule):
         schedule: NoiseSchedule,
         encoder: nn.Module,
         sampler: Callable[..., Sampler],
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable | None = None,
         prediction_type: str = "epsilon",
         loss_weighting: str = "uniform",
@@ -42,8 +51,10 @@ class DiffusionModule(L.LightningModule):
             ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"], logger=False
         )
         self.net, self.schedule, self.encoder = net, schedule, encoder
+        # The run's own sampler; `inference.resolve_sampler` builds others (steps, another config) from it.
         self.sampler_factory = sampler
         self.sampler = sampler(schedule=schedule, prediction_type=prediction_type)
+        # None in a module loaded to sample (`utils.instantiate.build_sampling_module`): it never trains.
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         # The resolved run config, stored in checkpoints so `dlab-sample`/`dlab-eval` can rebuild the
         # module without the user repeating the overrides (set by train()).
@@ -154,12 +165,6 @@ class DiffusionModule(L.LightningModule):
         finally:
             self.encoder.train(was_training)
 
-    def make_sampler(self, **overrides) -> Sampler:
-        """The configured sampler with some settings changed, e.g. `make_sampler(num_steps=10)`."""
-        return self.sampler_factory(
-            schedule=self.schedule, prediction_type=self.hparams.prediction_type, **overrides
-        )
-
     # ---------------------------------------------------------------- optimisation
     def build_optimizer(self, precision: str = "32-true") -> torch.optim.Optimizer:
         """The configured optimizer over all parameters, with a fused step where that is allowed.
@@ -184,7 +189,7 @@ class DiffusionModule(L.LightningModule):
             return optimizer
         # A fixed `total_steps` in the config wins (so a preempted run keeps its schedule);
         # otherwise the schedule spans this run.
-        if self.lr_scheduler_factory.keywords.get("total_steps") is None:
+        if fixed_total_steps(self.lr_scheduler_factory) is None:
             scheduler = self.lr_scheduler_factory(
                 optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
@@ -23,7 +24,7 @@ from diffusion_lab.inference import (
     guidance_for,
     load_module,
     pick_device,
-    sampler_for,
+    resolve_sampler,
 )
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.images import to_model_range, to_unit
@@ -55,14 +56,15 @@ def run(cfg: DictConfig) -> Path:
     batch_size = checks.positive_int(cfg, "batch_size", 250)
     seed = checks.non_negative_int(cfg, "seed", 0)
     labels, prompts = checks.class_labels(cfg), checks.prompts(cfg)
+    factory = instantiate(cfg.sampler) if cfg.get("sampler") else None  # `sampler=`: a conf/sampler/* partial
     device = pick_device(cfg.device)
     out = checks.writable_dir(cfg.paths.output_dir)
 
-    module, path = load_module(cfg.ckpt_path, device, f"{cfg.paths.log_dir}/train/runs")
+    module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
     scales, guidance_words = guidance_for(module, asked)
     log.info("sampling from %s at %s", path, guidance_words)
     inputs, key = conditions(module.encoder, labels, prompts, n, checkpoint=path)
-    sampler = sampler_for(module, cfg.get("sampler"), steps)
+    sampler = resolve_sampler(module, factory, steps)
 
     # What the model reads of each prompt: cut to the encoder's token limit (a warning, before sampling).
     seen = (

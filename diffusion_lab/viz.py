@@ -21,12 +21,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from diffusion_lab import CONFIG_DIR  # noqa: E402
 from diffusion_lab.cli import hydra_app  # noqa: E402
+from diffusion_lab.data.mnist import load_split  # noqa: E402
+from diffusion_lab.diffusion.schedules import BETA_SCHEDULES  # noqa: E402
 from diffusion_lab.errors import ConfigError  # noqa: E402
+from diffusion_lab.inference import conditions, guidance_for, load_module, resolve_sampler  # noqa: E402
 from diffusion_lab.utils import checks  # noqa: E402
 from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit  # noqa: E402
 
@@ -45,12 +52,6 @@ NUM_COLUMNS = 11  # t = 0, T/10, …, T
 
 def load_schedules(num_timesteps: int = 1000) -> dict:
     """{config name: NoiseSchedule} for every conf/schedule/*.yaml, composed and instantiated by Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    from diffusion_lab.diffusion.schedules import BETA_SCHEDULES
-
     # Composing needs a fresh GlobalHydra; inside `dlab-viz` nothing of Hydra's reads it after the task.
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -106,12 +107,10 @@ def plot_schedules(cfg: DictConfig) -> Path:
 
 
 def plot_forward(cfg: DictConfig) -> Path:
-    from diffusion_lab.data.mnist import load_split
-
     num_timesteps = checks.positive_int(cfg, "timesteps", 1000)
     images, labels = load_split(cfg.paths.data_dir, train=False)
     index = cfg.index
-    if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(images)):
+    if not (checks.is_int(index) and 0 <= index < len(images)):
         raise ConfigError(f"index={index!r}: expected a test-split digit 0..{len(images) - 1}, e.g. index=0")
     image = to_model_range(images[index])  # (1, 28, 28) in [-1, 1]
     schedules = load_schedules(num_timesteps)
@@ -142,10 +141,6 @@ def _save(fig, out: str | Path, name: str) -> Path:
 def plot_trajectory(cfg: DictConfig) -> Path:
     """One sample per class through the reverse process: `trajectory.gif` (x_t above x̂₀ at every step)
     and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀ at the same steps)."""
-    from PIL import Image
-
-    from diffusion_lab.inference import conditions, guidance_for, load_module
-
     # Every argument is checked before the model is loaded.
     asked = checks.optional_guidance_scales(cfg)
     if asked is not None and len(asked) != 1:
@@ -156,12 +151,12 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     labels, prompts = checks.class_labels(cfg), checks.prompts(cfg)
     out = checks.writable_dir(cfg.paths.output_dir)
 
-    module, path = load_module(cfg.ckpt_path, "cpu", f"{cfg.paths.log_dir}/train/runs")
+    module, path = load_module(cfg.ckpt_path, "cpu", cfg.paths.train_runs)
     (guidance, *more), guidance_words = guidance_for(module, asked)
     if more:
         raise ConfigError(f"{path}: the run names the scales {[guidance, *more]}; give one, e.g. guidance=2")
     print(f"trajectory of {path} at {guidance_words}")
-    sampler = module.make_sampler(num_steps=steps) if steps else module.sampler
+    sampler = resolve_sampler(module, None, steps)  # the run's own sampler
     # one row per class, or per prompt of a caption model
     labels, _ = conditions(module.encoder, labels, prompts, checkpoint=path)
     generator = torch.Generator().manual_seed(seed)

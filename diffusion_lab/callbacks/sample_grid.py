@@ -10,7 +10,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from diffusion_lab.callbacks.validation_sampling import sampling_due
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.inference import resolve_sampler
 from diffusion_lab.utils.images import to_unit
 
 
@@ -71,10 +73,10 @@ class SampleGrid(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not sampling_due(trainer, batch_idx, self.every_n_epochs):
             return
         rows, caption = self._rows(pl_module)
-        sampler = pl_module.make_sampler(num_steps=self.num_steps)
+        sampler = resolve_sampler(pl_module, None, self.num_steps)  # the run's own, with fewer steps
         grid = condition_grid(pl_module, rows, self.per_class, self.guidance_scales, sampler, self.seed)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from diffusion_lab.callbacks.validation_sampling import sampling_due
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import generate_batched
+from diffusion_lab.inference import generate_batched, resolve_sampler
 from diffusion_lab.metrics.fid import MNISTEvaluator
 
 
@@ -47,7 +48,7 @@ class GenerativeMetrics(L.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not sampling_due(trainer, batch_idx, self.every_n_epochs):
             return
         metrics = self._score(pl_module)
         for name, value in (metrics or {}).items():
@@ -55,7 +56,7 @@ class GenerativeMetrics(L.Callback):
 
     @rank_zero_only
     def _score(self, pl_module) -> dict:
-        sampler = pl_module.make_sampler(num_steps=self.num_steps)
+        sampler = resolve_sampler(pl_module, None, self.num_steps)  # the run's own, with fewer steps
         labels = pl_module.encoder.default_inputs(self.n)
         images = generate_batched(
             pl_module, labels, self.guidance_scale, sampler, self.batch_size, self.seed, progress=False

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.condition import cycle
 from diffusion_lab.errors import DataError
-from diffusion_lab.inference import cycle
 from diffusion_lab.metrics.attributes import ATTRIBUTES
 
 

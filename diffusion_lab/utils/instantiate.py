@@ -109,15 +109,28 @@ def build(name: str, node: DictConfig, **kwargs):
         return instantiate(node, **kwargs)
 
 
+def _sampling_parts(cfg: DictConfig) -> dict:
+    """What a module samples with: the net, the noise schedule, the condition encoder, the sampler."""
+    return {
+        "net": build("net", cfg.model),
+        "schedule": build("schedule", cfg.schedule),
+        "encoder": build("condition encoder", cfg.condition),
+        "sampler": build("sampler", cfg.sampler),
+    }
+
+
 def build_module(cfg: DictConfig):
-    """The DiffusionModule of a composed config (training, and rebuilding it from a checkpoint)."""
+    """The DiffusionModule of a composed config, to train: with its optimizer and LR-schedule partials."""
     return build(
         "module",
         cfg.module,
-        net=build("net", cfg.model),
-        schedule=build("schedule", cfg.schedule),
-        encoder=build("condition encoder", cfg.condition),
-        sampler=build("sampler", cfg.sampler),
+        **_sampling_parts(cfg),
         optimizer=build("optimizer", cfg.optimizer),
         lr_scheduler=build("lr_scheduler", cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     )
+
+
+def build_sampling_module(cfg: DictConfig):
+    """The DiffusionModule of a checkpoint's run config, to sample (`inference.load_module`): only the
+    parts sampling reads, so neither the optimizer nor the LR schedule of the run is built."""
+    return build("module", cfg.module, **_sampling_parts(cfg))

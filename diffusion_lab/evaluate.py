@@ -13,7 +13,6 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,9 +23,7 @@ from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
 from diffusion_lab.metrics.targets import Targets, targets_for
 from diffusion_lab.utils import checks
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from diffusion_lab.utils.plots import plt
 
 log = logging.getLogger("diffusion_lab")
 

@@ -16,26 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from diffusion_lab import CONFIG_DIR  # noqa: E402
-from diffusion_lab.cli import hydra_app  # noqa: E402
-from diffusion_lab.data.mnist import load_split  # noqa: E402
-from diffusion_lab.diffusion.schedules import BETA_SCHEDULES  # noqa: E402
-from diffusion_lab.errors import ConfigError  # noqa: E402
-from diffusion_lab.inference import conditions, guidance_for, load_module, resolve_sampler  # noqa: E402
-from diffusion_lab.utils import checks  # noqa: E402
-from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit  # noqa: E402
+from diffusion_lab import CONFIG_DIR
+from diffusion_lab.cli import hydra_app
+from diffusion_lab.data.mnist import load_split
+from diffusion_lab.diffusion.schedules import BETA_SCHEDULES
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.inference import conditions, guidance_for, load_module, resolve_sampler
+from diffusion_lab.utils import checks
+from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit
+from diffusion_lab.utils.plots import plt
 
 CONF_DIR = Path(CONFIG_DIR)
 DPI = 100

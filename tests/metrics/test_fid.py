@@ -83,7 +83,7 @@ def test_real_features_are_cached(cache_dir, evaluator):
     assert again.real_features.shape == (10_000, 128)
 
 
-# Known answers (moved from tests/test_known_answers.py): the floor is by definition the FID of held-out
+# Known answers: the floor is by definition the FID of held-out
 # real digits, and noise scores far above it.
 
 

@@ -266,6 +266,7 @@ def test_channels_last_matches_nchw(method):
 # --------------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.slow  # compiles the net: seconds of Inductor work, not a unit test
 def test_torch_compile_fullgraph_matches_eager():
     """fullgraph=True fails on any graph break (the Condition dataclass, the level loops, SDPA masks).
 

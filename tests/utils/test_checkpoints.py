@@ -14,8 +14,7 @@ from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.inference import conditions
 from diffusion_lab.nets.encoders import ClassEncoder, LearnedTextEncoder
 from diffusion_lab.utils.checkpoints import find_checkpoint, picked_line, read_checkpoint
-from tests.conftest import run_cli
-from tests.test_trust import assert_one_line_error
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def write(path: Path, mtime: float, truncated: bool = False) -> Path:

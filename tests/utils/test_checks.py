@@ -1,5 +1,5 @@
 """Argument checks: each bad value is a ConfigError naming the key and the value (the commands that use
-them are run as users run them in tests/test_trust.py)."""
+them are run as users run them in tests/commands/test_trust.py)."""
 
 from __future__ import annotations
 

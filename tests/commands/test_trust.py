@@ -18,7 +18,7 @@ import torch
 
 from diffusion_lab import report
 from diffusion_lab.utils.checkpoints import find_checkpoint
-from tests.conftest import BIN_DIR, ROOT, run_cli, start_training, user_env
+from tests.conftest import BIN_DIR, ROOT, assert_one_line_error, run_cli, start_training, user_env
 
 SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 HELP_KEYS = {  # what each command's --help must name, besides Hydra's listing of the whole config
@@ -42,14 +42,6 @@ HELP_KEYS = {  # what each command's --help must name, besides Hydra's listing o
 
 def digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
-    for needle in needles:
-        assert needle in line, line
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -143,6 +143,7 @@ def test_sample_grid_every_n_epochs_counts_from_one(compose_cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000006.png"]
 
 
+@pytest.mark.slow  # loads and scores the whole 10,000-image test split
 def test_test_split_runs_after_fit(compose_cfg):
     cfg = compose_cfg("debug=tiny", "test=true", "data.batch_size=250", "+trainer.limit_test_batches=2")
     metrics, objects = train(cfg)

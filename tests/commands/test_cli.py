@@ -124,9 +124,3 @@ def test_bad_arguments_are_named_before_the_checkpoint_or_evaluator_loads(tmp_pa
     assert result.returncode == 2, result.stderr[-3000:]
     (only,) = result.stderr.strip().splitlines()  # one line, no traceback
     assert only.startswith(line), only
-
-
-def test_dlab_sample_missing_checkpoint_is_clear(tmp_path):
-    result = run_cli("dlab-sample", cwd=tmp_path)  # ckpt_path=last by default
-    assert result.returncode == 1
-    assert "ckpt_path=last: no run under" in result.stderr and "Traceback" not in result.stderr

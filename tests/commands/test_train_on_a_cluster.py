@@ -3,7 +3,6 @@ signal (fixed folder, SLURM requeue), Optuna, W&B grouping, and deterministic ru
 
 from __future__ import annotations
 
-import csv
 import re
 import signal
 import subprocess
@@ -86,11 +85,7 @@ def test_rerunning_a_command_with_a_fixed_run_folder_resumes_where_it_stopped(tm
     again = run_cli("dlab-train", *args, cwd=tmp_path)  # the very same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run_dir}/checkpoints/interrupted.ckpt" in again.stdout
-    _assert_same_weights(run_dir, uninterrupted)
-
-    other = run_cli("dlab-train", *args, "model.channels=[8,16]", cwd=tmp_path)
-    assert other.returncode == 2
-    assert "different config: model.channels" in other.stderr and "Traceback" not in other.stderr
+    _assert_same_weights(run_dir, uninterrupted)  # (a resume with another config: test_trust.py)
 
 
 def test_a_requeued_slurm_job_finds_its_run_folder_and_resumes(tmp_path, uninterrupted):
@@ -141,17 +136,6 @@ def test_wandb_runs_of_a_multirun_share_its_group_and_a_resume_keeps_the_run_id(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     first, second = _offline_runs(sweep / "0")
     assert second.name.endswith(run_ids[0])  # the same W&B run continues
-
-
-def test_two_seeded_deterministic_runs_give_identical_loss_curves(tmp_path):
-    curves = []
-    for name in ("a", "b"):
-        args = ["debug=tiny", "trainer.deterministic=true", "seed=7", f"out={tmp_path / name}"]
-        result = run_cli("dlab-train", *args, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(tmp_path / name / "csv" / "version_0" / "metrics.csv") as file:
-            curves.append([row["train/loss"] for row in csv.DictReader(file) if row.get("train/loss")])
-    assert len(curves[0]) == 3 and curves[0] == curves[1]
 
 
 def test_a_sweep_whose_optimized_metric_was_not_logged_is_an_error():

@@ -1,5 +1,6 @@
 """Scale-out through the installed CLI: multirun x DDP, runs that resume from their folder after a
-signal (fixed folder, SLURM requeue), Optuna, W&B grouping, and deterministic runs."""
+signal (fixed folder, SLURM requeue), and W&B grouping. A resumed run matching an
+uninterrupted one bit for bit is also the check that two runs with one seed agree."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Scale-out through the installed CLI: multirun x DDP, runs that resume from their folder after a
-signal (fixed folder, SLURM requeue), and W&B grouping. A resumed run matching an
-uninterrupted one bit for bit is also the check that two runs with one seed agree."""
+"""Scale-out through the installed CLI: DDP on 2 gloo processes inside a multirun, runs that resume
+from their folder after a signal (fixed folder, SLURM requeue), and W&B grouping. A resumed run
+matching an uninterrupted one bit for bit is also the check that two runs with one seed agree."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -55,20 +57,34 @@ def _assert_same_weights(run_dir: Path, expected: dict) -> None:
 
 
 def test_multirun_of_ddp_jobs_makes_one_sweep_with_one_folder_per_job(tmp_path):
-    result = run_cli("dlab-train", "-m", "trainer=ddp_cpu", "debug=tiny", "seed=1,2", cwd=tmp_path)
+    """A Hydra multirun of two DDP jobs (2 gloo processes each): one sweep, one folder per job holding
+    its own overrides, checkpoint and metrics, and ranks that end with identical weights."""
+    args = [
+        "-m",
+        "trainer=ddp_cpu",
+        "debug=tiny",
+        "trainer.limit_train_batches=2",
+        "conditioning=concat,adaln",
+    ]
+    result = run_cli("dlab-train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started and joined the second rank
     outputs = tmp_path / "outputs" / "debug"
     assert [p.name for p in outputs.iterdir()] == ["multiruns"]  # no run folder of a stray rank
     (sweep,) = (outputs / "multiruns").iterdir()  # one sweep, not one per rank
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
-    for job in ("0", "1"):
+    for job, conditioning in (("0", "concat"), ("1", "adaln")):
         assert [p.relative_to(sweep / job) for p in (sweep / job).rglob("config.yaml")] == [
             Path(".hydra/config.yaml")
         ]
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert f"conditioning={conditioning}" in yaml.safe_load(
+            (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        )
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        assert json.loads((sweep / job / "metrics.json").read_text())["val/loss"] > 0
         assert [p.name for p in (sweep / job).glob("*.log")] == ["train.log"]  # rank 0's log only
     assert not list(sweep.rglob("run.lock"))  # rank 0 of each job held its folder's lock, and let it go
-    # Each job's two ranks end with identical weights; the two jobs (seeds 1 and 2) differ.
+    # Each job's two ranks end with identical weights; the two jobs differ.
     digests = re.findall(r"rank (\d): parameters sha256 (\w+)", result.stdout)
     assert sorted(r for r, _ in digests) == ["0", "0", "1", "1"]
     by_hash = {h: sorted(r for r, d in digests if d == h) for _, h in digests}

@@ -8,7 +8,7 @@ import torch
 
 from diffusion_lab.condition import Condition
 from diffusion_lab.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
-from diffusion_lab.diffusion.sampling import noise_level, sample
+from diffusion_lab.diffusion.sampling import _in_interval, noise_level, sample
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from tests.diffusion.gaussian import DIM, GaussianModel, N, assert_gaussian, gen, make_condition
 
@@ -161,3 +161,11 @@ def test_guided_ddim_is_the_exact_linear_map_towards_the_guided_mean():
         x = sample(model, sampler, (16, 64), cond, make_condition(0.0, 1), w, generator=gen())
         m = w * mu_c
         torch.testing.assert_close(x, m + gain * (x_T - ac[steps[0]] ** 0.5 * m), atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_interval_is_open_below_and_closed_above():
+    """(σ_lo, σ_hi]: a step exactly at σ_hi is guided, one exactly at σ_lo is not, and σ = inf (a zero
+    terminal SNR's first step) is guided by an interval open to infinity."""
+    assert _in_interval(5.0, (0.5, 5.0)) and not _in_interval(0.5, (0.5, 5.0))
+    assert _in_interval(math.inf, (0.5, math.inf)) and not _in_interval(math.inf, (0.5, 5.0))
+    assert _in_interval(0.0, None)

@@ -9,7 +9,7 @@ validation and stores it as the checkpoint's `state_dict`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -28,6 +28,19 @@ def fixed_total_steps(lr_scheduler: Callable) -> int | None:
     function names a length, or it is null: `configure_optimizers` then passes the run's own length."""
     parameter = inspect.signature(lr_scheduler).parameters.get("total_steps")
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def encoder_inputs(encoder: nn.Module, batch: dict):
+    """What `encoder` reads of a batch: its `input_key` entry, or {key: entry} for a combined encoder."""
+    key = encoder.input_key
+    return {k: batch[k] for k in key} if isinstance(key, tuple) else batch[key]
+
+
+def _on(device: torch.device, inputs):
+    """Labels and maps moved to `device`; prompts (a list) stay; a mapping is moved entry by entry."""
+    if isinstance(inputs, Mapping):
+        return {key: _on(device, value) for key, value in inputs.items()}
+    return inputs.to(device) if torch.is_tensor(inputs) else list(inputs)
 
 
 class DiffusionModule(L.LightningModule):
@@ -72,7 +85,7 @@ class DiffusionModule(L.LightningModule):
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Weighted MSE between the net's output and the target of the configured prediction type."""
         x0 = batch["image"]  # (B, C, H, W) in [-1, 1]
-        condition = self.encoder(batch[self.encoder.input_key])
+        condition = self.encoder(encoder_inputs(self.encoder, batch))
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (b,), device=self.device, generator=generator)
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
@@ -133,19 +146,21 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        inputs: torch.Tensor | Sequence[str],
-        guidance_scale: float = 1.0,
+        inputs: torch.Tensor | Sequence[str] | Mapping,
+        guidance_scale: float | Mapping[str, float] = 1.0,
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
         guidance_interval: tuple[float, float] | None = None,
         return_intermediates: bool = False,
         progress: bool = False,
+        guidance_form: str = "nested",
     ):
-        """Sample one image per label (or caption) in [-1, 1], with classifier-free guidance."""
+        """Sample one image per label, caption or map (or per row of a {input key: values} mapping for a model
+        with several conditions; a source left out is null) in [-1, 1], with classifier-free guidance."""
         was_training = self.encoder.training
         self.encoder.eval()  # never drop the condition while sampling
         try:
-            condition = self.encoder(inputs.to(self.device) if torch.is_tensor(inputs) else list(inputs))
+            condition = self.encoder(_on(self.device, inputs))
             n = condition.batch_size
             null = self.encoder.null(n, self.device)
             image_shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
@@ -161,6 +176,7 @@ class DiffusionModule(L.LightningModule):
                 device=self.device,
                 return_intermediates=return_intermediates,
                 progress=progress,
+                guidance_form=guidance_form,
             )
         finally:
             self.encoder.train(was_training)

@@ -7,11 +7,13 @@ prediction type is guided the same way; a guidance interval limits it to a band 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_lab.condition import Condition
+from diffusion_lab.condition import Condition, Conditions
+from diffusion_lab.diffusion.guidance import guided_model
 from diffusion_lab.diffusion.samplers import Sampler
 
 
@@ -26,18 +28,20 @@ def sample(
     model,
     sampler: Sampler,
     shape,
-    condition: Condition | None = None,
-    null_condition: Condition | None = None,
-    guidance_scale: float = 1.0,
+    condition: Condition | Conditions | None = None,
+    null_condition: Condition | Conditions | None = None,
+    guidance_scale: float | Mapping[str, float] = 1.0,
     guidance_interval: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
     device="cpu",
     return_intermediates: bool = False,
     progress: bool = False,
+    guidance_form: str = "nested",
 ):
     """Run `sampler` from x_T ~ N(0, I) of `shape`, calling `model(x, t_batch, condition) -> output`.
 
-    Classifier-free guidance at scale s (see `guided_model`); without `null_condition` no guidance is
+    Classifier-free guidance at scale s, or one scale per named condition in `guidance_form` (see
+    diffusion/guidance.py); without `null_condition` no guidance is
     possible, so s must then be 1 unless `condition` is None. `guidance_interval` = (σ_lo, σ_hi) guides
     only the steps with σ_lo < σ_t ≤ σ_hi (Kynkäänniemi et al. 2024: guidance at high noise costs
     diversity, at low noise it does little); the other steps use s = 1, one pass on the conditional
@@ -45,10 +49,10 @@ def sample(
 
     Returns the samples, or (samples, {"x_t": inputs of each step, "x0": x̂₀ of each step}) on CPU.
     """
-    if null_condition is None and condition is not None and guidance_scale != 1.0:
+    if null_condition is None and condition is not None and guidance_scale not in (1, 1.0):
         raise ValueError("guidance_scale != 1 needs a null_condition for the unconditional pass")
     x = torch.randn(tuple(shape), generator=generator).to(device)
-    predict = guided_model(model, condition, null_condition, guidance_scale, batch=x.shape[0])
+    predict = guided_model(model, condition, null_condition, guidance_scale, x.shape[0], guidance_form)
     sampler.reset()
     intermediates = {"x_t": [], "x0": []}
     timesteps = sampler.timesteps.tolist()
@@ -61,34 +65,6 @@ def sample(
             intermediates["x0"].append(step.pred_x0.cpu())
         x = step.prev_sample
     return (x, intermediates) if return_intermediates else x
-
-
-def guided_model(
-    model, condition: Condition | None, null_condition: Condition | None, scale: float, batch: int
-):
-    """`predict(x, t_batch, guide)`: the model's output, guided at scale s where `guide` is true.
-
-    Classifier-free guidance (diffusers/DiT convention): out = u + s·(c − u) on the raw model output, which
-    is linear in x̂₀ and ε̂ for every prediction type. s = 1 is the conditional model alone (null pass
-    skipped), s = 0 the unconditional one (conditional pass skipped); otherwise both passes run as ONE
-    forward on the doubled batch. A `null_condition` of batch 1 is repeated to the batch size.
-    Without a condition or a null condition every step is the plain `model(x, t_batch, condition)`.
-    """
-    if condition is None or null_condition is None or scale == 1.0:
-        return lambda x, t_batch, guide: model(x, t_batch, condition)
-    if null_condition.batch_size == 1 and batch > 1:
-        null_condition = null_condition.repeat_interleave(batch)
-    if scale == 0.0:
-        return lambda x, t_batch, guide: model(x, t_batch, null_condition if guide else condition)
-    both = Condition.cat([condition, null_condition])  # built once, reused at every step
-
-    def predict(x: torch.Tensor, t_batch: torch.Tensor, guide: bool) -> torch.Tensor:
-        if not guide:
-            return model(x, t_batch, condition)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), both).chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return predict
 
 
 def _in_interval(sigma: float, interval: tuple[float, float] | None) -> bool:

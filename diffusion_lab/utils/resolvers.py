@@ -7,7 +7,7 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError, UserError, exit_with
 from diffusion_lab.utils import cluster
@@ -98,6 +98,18 @@ def _wandb_offline() -> bool:
     return not (os.environ.get("WANDB_API_KEY") or logged_in)
 
 
+def _derived_conditions(condition) -> dict:
+    """{source: transform options} of every spatial condition in a `condition` config (one, or the
+    sources of a combined one): what the DataModule derives from each image (data.conditions)."""
+    if not isinstance(condition, DictConfig):
+        return {}
+    if "sources" in condition:
+        return {k: v for source in condition.sources.values() for k, v in _derived_conditions(source).items()}
+    if "source" in condition and "transform" in condition:
+        return {condition.source: OmegaConf.to_container(condition.transform, resolve=True)}
+    return {}
+
+
 def register() -> None:
     # Not ${hydra:runtime.cwd}: a multirun resolves hydra.sweep.dir before the Hydra config exists.
     OmegaConf.register_new_resolver("dlab_cwd", os.getcwd, replace=True)
@@ -110,4 +122,5 @@ def register() -> None:
     OmegaConf.register_new_resolver("dlab_wandb_offline", _wandb_offline, replace=True)
     OmegaConf.register_new_resolver("dlab_wandb_group", _wandb_group, replace=True)
     OmegaConf.register_new_resolver("dlab_wandb_name", _wandb_name, replace=True)
+    OmegaConf.register_new_resolver("dlab_derived_conditions", _derived_conditions, replace=True)
     OmegaConf.register_new_resolver("dlab_wandb_run_id", _wandb_run_id, replace=True, use_cache=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from diffusion_lab.nets.encoders import CombinedEncoder, SpatialEncoder
 from diffusion_lab.utils.config_checks import check_run_config
 from diffusion_lab.utils.instantiate import build_module
 from tests.conftest import CAPTIONS, CONF_DIR, TINY_CLIP
@@ -25,7 +26,18 @@ TINY_CLIP_OVERRIDES = [
 EXTRA = {
     ("text_encoder", "clip"): ["condition=text", *TINY_CLIP_OVERRIDES],
     ("data", "captions"): ["condition=text", "data.root=captions/train"],  # read at setup, not here
+    ("condition", "sketch_text"): ["conditioning=sketch_text"],
+    ("conditioning", "sketch_text"): ["condition=sketch_text"],
 }
+
+
+def encoder_inputs(encoder, n: int = 2):
+    """Inputs of the right kind for `encoder`: labels, captions, maps, or a mapping of them."""
+    if isinstance(encoder, CombinedEncoder):
+        return {e.input_key: encoder_inputs(e, n) for e in encoder.sources.values()}
+    if isinstance(encoder, SpatialEncoder):
+        return torch.rand(n, encoder.channels, encoder.image_size, encoder.image_size)
+    return CAPTIONS[:n] if encoder.input_key == "caption" else torch.tensor([3, 7])[:n]
 
 
 def build_all(cfg):
@@ -46,8 +58,7 @@ def test_every_option_instantiates(compose_cfg, group, option):
     module, datamodule, callbacks, loggers = build_all(cfg)
     x = torch.randn(2, 1, 28, 28)
     t = torch.tensor([0, 999])
-    inputs = CAPTIONS[:2] if module.encoder.input_key == "caption" else torch.tensor([3, 7])
-    condition = module.encoder(inputs)
+    condition = module.encoder(encoder_inputs(module.encoder))
     assert module.net(x, t, condition).shape == x.shape
     if (group, option) in NEEDS_GPU or option == "slurm":
         assert cfg.trainer.accelerator == "gpu"

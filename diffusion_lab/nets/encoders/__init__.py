@@ -9,14 +9,24 @@ Class labels: `ClassEncoder` (labels.py). Captions: `LearnedTextEncoder` (learne
 and a small transformer trained with the model) and `HFTextEncoder` (pretrained.py: a pretrained MiniLM
 or CLIP text model, usually frozen, with its states cached). A caption longer than `max_length` tokens
 is cut: `seen_text` gives what the model reads of each, and the first cut caption an encoder meets is a
-warning.
+warning. Spatial conditions (sketch, semantic map, low-res or masked image): `SpatialEncoder`
+(spatial.py). Several at once: `CombinedEncoder` (combined.py), one encoder per named source.
 
 The classes are re-exported here because configs, and the run configs saved in checkpoints, name them
 as `diffusion_lab.nets.encoders.<Class>`.
 """
 
+from diffusion_lab.nets.encoders.combined import CombinedEncoder
 from diffusion_lab.nets.encoders.labels import ClassEncoder
 from diffusion_lab.nets.encoders.learned import LearnedTextEncoder, WordTokenizer
 from diffusion_lab.nets.encoders.pretrained import HFTextEncoder
+from diffusion_lab.nets.encoders.spatial import SpatialEncoder
 
-__all__ = ["ClassEncoder", "HFTextEncoder", "LearnedTextEncoder", "WordTokenizer"]
+__all__ = [
+    "ClassEncoder",
+    "CombinedEncoder",
+    "HFTextEncoder",
+    "LearnedTextEncoder",
+    "SpatialEncoder",
+    "WordTokenizer",
+]

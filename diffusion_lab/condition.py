@@ -95,6 +95,15 @@ def cycle(items: torch.Tensor | list | Mapping, n: int) -> torch.Tensor | list |
     return (list(items) * repeats)[:n]
 
 
+def repeat_rows(items: torch.Tensor | list | Mapping, repeats: int):
+    """Each sample of `items` `repeats` times in a row (a tensor along its first axis; a mapping per source)."""
+    if isinstance(items, Mapping):
+        return {key: repeat_rows(value, repeats) for key, value in items.items()}
+    if torch.is_tensor(items):
+        return items.repeat_interleave(repeats, dim=0)
+    return [item for item in items for _ in range(repeats)]
+
+
 def rows(items: torch.Tensor | list | Mapping, start: int, stop: int):
     """Samples `start:stop` of what an encoder reads: a tensor or list slice, or a mapping's slices."""
     if isinstance(items, Mapping):

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import track
 
-from diffusion_lab.condition import cycle
+from diffusion_lab.condition import count, cycle, rows
 from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.utils import checks
@@ -130,6 +130,13 @@ def conditions(
     return cycle(torch.tensor(labels), n or len(labels)), "labels"
 
 
+def scale_words(scale: float | dict[str, float]) -> str:
+    """A guidance scale as people write it: `2` or `sketch 1.5, text 3`."""
+    if isinstance(scale, dict):
+        return ", ".join(f"{name} {s:g}" for name, s in scale.items())
+    return f"{scale:g}"
+
+
 def batch_seed(seed: int, k: int) -> int:
     """The seed of batch `k` of a run seeded `seed`: a 64-bit hash of the pair (numpy's SeedSequence, as
     `SeedSequence(seed).spawn()` gives child k), so no two (seed, k) pairs share noise; `seed + k` would
@@ -140,26 +147,28 @@ def batch_seed(seed: int, k: int) -> int:
 @torch.no_grad()
 def generate_batched(
     module,
-    inputs: torch.Tensor | list[str],
-    guidance: float,
+    inputs: torch.Tensor | list[str] | dict,
+    guidance: float | dict[str, float],
     sampler,
     batch_size: int,
     seed: int,
     progress: bool = True,
     guidance_interval: tuple[float, float] | None = None,
+    guidance_form: str = "nested",
 ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) for `inputs` (labels or prompts), in batches; batch k is seeded with
+    """uint8 images (N, C, H, W) for `inputs` (labels, prompts, maps, or a {input key: values} mapping of a
+    model with several conditions), in batches; batch k is seeded with
     batch_seed(seed, k), so the images do not depend on which command (or callback) asks for them.
     `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step."""
     chunks = []
-    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+    batches = [rows(inputs, i, i + batch_size) for i in range(0, count(inputs), batch_size)]
     if progress:
-        batches = track(batches, description=f"sampling (guidance {guidance:g})")
+        batches = track(batches, description=f"sampling (guidance {scale_words(guidance)})")
     for k, chunk in enumerate(batches):
         generator = torch.Generator().manual_seed(batch_seed(seed, k))
         images = module.generate(
             chunk, guidance_scale=guidance, sampler=sampler, generator=generator,
-            guidance_interval=guidance_interval,
+            guidance_interval=guidance_interval, guidance_form=guidance_form,
         )  # fmt: skip
         chunks.append(to_uint8(images).cpu())
     return torch.cat(chunks)

@@ -44,14 +44,33 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
 
 
-def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float]:
-    """One number or a list of numbers >= 0 (0 unconditional, 1 conditional, > 1 guided)."""
-    scales = as_list(cfg.get(key))
+def guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float | dict[str, float]]:
+    """One number or a list of numbers >= 0 (0 unconditional, 1 conditional, > 1 guided); or, for a model
+    with several conditions, one scale per condition, `{sketch: 1.5, text: 3}`, where a list per condition
+    (`{sketch: [1, 2], text: [1, 3]}`) asks for every combination (a grid, in the order written)."""
+    value = cfg.get(key)
+    if isinstance(value, DictConfig | dict):
+        return _per_condition_scales(key, value)
+    scales = as_list(value)
     if not scales or not all(is_number(s) and s >= 0 for s in scales):
         raise ConfigError(
-            f"{key}={cfg.get(key)!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3]"
+            f"{key}={value!r}: expected a number >= 0 or a list of them, e.g. {key}=2 or {key}=[1,3], or "
+            f"one per condition, e.g. {key}='{{sketch: 1.5, text: 3}}'"
         )
     return [float(s) for s in scales]
+
+
+def _per_condition_scales(key: str, value) -> list[dict[str, float]]:
+    per_name = {str(name): as_list(scales) for name, scales in value.items()}
+    if not per_name or not all(s and all(is_number(x) and x >= 0 for x in s) for s in per_name.values()):
+        raise ConfigError(
+            f"{key}={OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r}: expected "
+            f"one scale >= 0 (or a list of them) per condition, e.g. {key}='{{sketch: 1.5, text: 3}}'"
+        )
+    grid = [{}]
+    for name, scales in per_name.items():
+        grid = [point | {name: float(s)} for point in grid for s in scales]
+    return grid
 
 
 def optional_guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float] | None:

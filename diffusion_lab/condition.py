@@ -104,7 +104,7 @@ def repeat_rows(items: torch.Tensor | list | Mapping, repeats: int):
     return [item for item in items for _ in range(repeats)]
 
 
-def rows(items: torch.Tensor | list | Mapping, start: int, stop: int):
+def take_rows(items: torch.Tensor | list | Mapping, start: int, stop: int):
     """Samples `start:stop` of what an encoder reads: a tensor or list slice, or a mapping's slices."""
     if isinstance(items, Mapping):
         return {key: value[start:stop] for key, value in items.items()}

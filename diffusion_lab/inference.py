@@ -15,9 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import track
 
-from diffusion_lab.condition import count, cycle, rows
+from diffusion_lab.condition import count, cycle, take_rows
 from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.errors import CheckpointError, ConfigError
+from diffusion_lab.nets.encoders import CombinedEncoder, SpatialEncoder
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.checkpoints import find_checkpoint, picked_line, read_checkpoint
 from diffusion_lab.utils.images import to_uint8
@@ -137,6 +138,30 @@ def scale_words(scale: float | dict[str, float]) -> str:
     return f"{scale:g}"
 
 
+def spatial_encoders(encoder) -> list[SpatialEncoder]:
+    """The encoders of `encoder`'s spatial conditions (itself, or those among a combined encoder's sources)."""
+    parts = encoder.sources.values() if isinstance(encoder, CombinedEncoder) else [encoder]
+    return [part for part in parts if isinstance(part, SpatialEncoder)]
+
+
+def condition_preview(encoder, inputs, channels: int) -> torch.Tensor | None:
+    """The first spatial condition of `inputs` as pictures (N, channels, H, W) in [-1, 1], to show beside
+    the samples it conditioned (a sketch's strokes, a region map's regions in grey levels, a low-res image,
+    a masked image); None for a model without spatial conditions."""
+    spatial = spatial_encoders(encoder)
+    if not spatial:
+        return None
+    source = spatial[0].input_key
+    maps = (inputs[source] if isinstance(inputs, dict) else inputs).float().cpu()
+    if source == "sketch":
+        picture = maps * 2 - 1  # strokes {0, 1} -> white on black, as the digits
+    elif source == "semantic":
+        picture = maps.argmax(1, keepdim=True) / max(1, maps.shape[1] - 1) * 2 - 1
+    else:  # lowres is an image; inpaint's first channels are the masked image (its last, the mask)
+        picture = maps[:, :channels] if source == "inpaint" else maps
+    return picture.expand(-1, channels, -1, -1) if picture.shape[1] == 1 else picture
+
+
 def batch_seed(seed: int, k: int) -> int:
     """The seed of batch `k` of a run seeded `seed`: a 64-bit hash of the pair (numpy's SeedSequence, as
     `SeedSequence(seed).spawn()` gives child k), so no two (seed, k) pairs share noise; `seed + k` would
@@ -161,7 +186,7 @@ def generate_batched(
     batch_seed(seed, k), so the images do not depend on which command (or callback) asks for them.
     `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step."""
     chunks = []
-    batches = [rows(inputs, i, i + batch_size) for i in range(0, count(inputs), batch_size)]
+    batches = [take_rows(inputs, i, i + batch_size) for i in range(0, count(inputs), batch_size)]
     if progress:
         batches = track(batches, description=f"sampling (guidance {scale_words(guidance)})")
     for k, chunk in enumerate(batches):

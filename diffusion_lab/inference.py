@@ -95,40 +95,87 @@ def guidance_for(module, asked: list[float] | None) -> tuple[list[float], str]:
     in conf/train.yaml and conf/experiment/*.yaml), else DEFAULT_GUIDANCE. Also the words that say so,
     for the line that names the checkpoint."""
     if asked is not None:
-        return asked, "guidance " + ", ".join(f"{s:g}" for s in asked)
+        return asked, "guidance " + "; ".join(scale_words(s) for s in asked)
     own = (module.run_config or {}).get("guidance")
     if own is None:
         return [DEFAULT_GUIDANCE], f"guidance {DEFAULT_GUIDANCE:g} (the default: the run names no scale)"
     scales = checks.guidance_scales({"guidance": own})
-    return scales, "guidance " + ", ".join(f"{s:g}" for s in scales) + " (the run's own)"
+    return scales, "guidance " + "; ".join(scale_words(s) for s in scales) + " (the run's own)"
 
 
 def conditions(
-    encoder, labels: list[int] | None, prompts: list[str] | None, n: int | None = None, *, checkpoint: Path
-) -> tuple[torch.Tensor | list[str], str]:
+    encoder,
+    labels: list[int] | None,
+    prompts: list[str] | None,
+    n: int | None = None,
+    *,
+    checkpoint: Path,
+    maps: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | list[str] | dict, str]:
     """What a command samples: `labels` for a class model (None: balanced over its classes), `prompts`
     for a caption model, as `checks.class_labels` and `checks.prompts` read them before the model
-    loaded; cycled to `n` (None: one of each). Also returns the npz key that records them. Asking the
-    wrong kind of model names `checkpoint` (`last` may have picked a model of the other kind) and how
-    to pick another."""
-    other = "or pick another model with ckpt_path=<run folder or .ckpt>"
+    loaded, and `maps` ({source: (N, C, H, W)}, read from sketch=/lowres=/... files) for a spatial one;
+    for a model with several conditions, a {input key: values} mapping of those given (the others are
+    left out: null). Cycled to `n` (None: one of each). Also returns the npz key that records them
+    ("conditions" for a mapping). Asking the wrong kind of model names `checkpoint` (`last` may have
+    picked a model of another kind) and how to pick another."""
+    maps = maps or {}
+    takes = {e.input_key for e in spatial_encoders(encoder)}
+    unused = sorted(set(maps) - takes)
+    if unused:
+        raise ConfigError(
+            f"{checkpoint}: {unused[0]}= was given, but this model takes no {unused[0]}: it takes "
+            f"{_what_it_takes(encoder)}, {OTHER_MODEL}"
+        )
+    if isinstance(encoder, CombinedEncoder):
+        given = {"label": _labels(labels), "caption": prompts, **maps}
+        inputs = {key: given[key] for key in encoder.input_key if given.get(key) is not None}
+        if not inputs or len(inputs) < sum(v is not None for v in given.values()):
+            raise ConfigError(f"{checkpoint}: this model takes {_what_it_takes(encoder)}, {OTHER_MODEL}")
+        return cycle(inputs, n or max(count(v) for v in inputs.values())), "conditions"
+    if takes:
+        (source,) = takes
+        if source not in maps or labels is not None or prompts is not None:
+            raise ConfigError(
+                f"{checkpoint}: this is a {source} model: give {_what_it_takes(encoder)}, {OTHER_MODEL}"
+            )
+        return cycle(maps[source], n or len(maps[source])), source
     if encoder.input_key == "caption":
         if labels is not None or prompts is None:
             raise ConfigError(
                 f"{checkpoint}: this is a caption model: give prompts='[\"a thick seven\"]' or "
-                f"prompts_file=<txt>, {other}"
+                f"prompts_file=<txt>, {OTHER_MODEL}"
             )
         return cycle(prompts, n or len(prompts)), "prompts"
     if prompts is not None:
         raise ConfigError(
             f"{checkpoint}: this is a class-conditional model: give labels=[3,7] (or nothing), not "
-            f"prompts, {other}"
+            f"prompts, {OTHER_MODEL}"
         )
     if labels is None:
         return encoder.default_inputs(n), "labels"
     with torch.no_grad():
         encoder(torch.tensor(labels))  # the encoder checks they are its classes: here, before any progress
     return cycle(torch.tensor(labels), n or len(labels)), "labels"
+
+
+OTHER_MODEL = "or pick another model with ckpt_path=<run folder or .ckpt>"
+TAKES = {"label": "labels=[3,7]", "caption": "prompts='[\"a thick seven\"]'"}
+
+
+def _what_it_takes(encoder) -> str:
+    """The keys that give `encoder` its conditions, as a user types them."""
+    keys = encoder.input_key if isinstance(encoder.input_key, tuple) else (encoder.input_key,)
+    spatial = {e.input_key for e in spatial_encoders(encoder)}
+    words = [
+        f"{key}=<png or folder> (or conditions_from=<image folder>)" if key in spatial else TAKES[key]
+        for key in keys
+    ]
+    return " and/or ".join(words) if len(words) > 1 else words[0]
+
+
+def _labels(labels: list[int] | None) -> torch.Tensor | None:
+    return None if labels is None else torch.tensor(labels)
 
 
 def scale_words(scale: float | dict[str, float]) -> str:
@@ -152,6 +199,8 @@ def condition_preview(encoder, inputs, channels: int) -> torch.Tensor | None:
     if not spatial:
         return None
     source = spatial[0].input_key
+    if isinstance(inputs, dict) and source not in inputs:
+        return None  # left out of this call (null)
     maps = (inputs[source] if isinstance(inputs, dict) else inputs).float().cpu()
     if source == "sketch":
         picture = maps * 2 - 1  # strokes {0, 1} -> white on black, as the digits

@@ -1,9 +1,12 @@
 """`dlab-sample`: a checkpoint plus a sampler config -> `samples.npz` and a PNG grid.
 
 A class model samples `labels` (default: balanced over its classes); a caption model samples
-`prompts` or the lines of `prompts_file`. Either is cycled to `n` images per guidance scale; without
-`guidance=` the scale is the one the checkpoint's run names as its best (`guidance` in its recipe).
-`samples.npz` holds every image; `samples.png` previews at most PREVIEW_IMAGES of them.
+`prompts` or the lines of `prompts_file`; a spatial model samples the maps read from `sketch=`,
+`semantic=`, `lowres=` or `inpaint=` + `mask=` files, or derived from real images (`conditions_from=`).
+A model with several conditions takes any of its keys at once (the others are left out), and
+`guidance='{sketch: 1.5, text: 3}'` gives each its own scale. Inputs are cycled to `n` images per guidance
+scale; without `guidance=` the scale is the one the checkpoint's run names as its best. `samples.npz`
+holds every image and every condition given; `samples.png` previews at most PREVIEW_IMAGES of them.
 """
 
 from __future__ import annotations
@@ -18,16 +21,22 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from diffusion_lab.cli import hydra_app
+from diffusion_lab.condition import cycle, take_rows
+from diffusion_lab.data.condition_files import conditions_from, read_condition
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.inference import (
+    condition_preview,
     conditions,
     generate_batched,
     guidance_for,
     load_module,
     pick_device,
     resolve_sampler,
+    spatial_encoders,
 )
+from diffusion_lab.nets.encoders import CombinedEncoder
 from diffusion_lab.utils import checks
-from diffusion_lab.utils.images import to_model_range, to_unit
+from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit
 
 log = logging.getLogger("diffusion_lab")
 
@@ -47,11 +56,80 @@ def preview_rows(inputs: list, scales: int) -> list[list[int]]:
     return [[b * n + i for b in range(scales) for i in where[c][:columns]] for c in distinct]
 
 
+SPATIAL_KEYS = ("sketch", "semantic", "lowres", "inpaint")
+RECORDED_AS = {"label": "labels", "caption": "prompts"}  # npz names of a combined model's inputs
+
+
+def recorded_inputs(inputs, key: str, scales: int) -> dict[str, np.ndarray]:
+    """The npz arrays that record what each image was given: `labels`, `prompts` or a map per source
+    (float16, (N, C, H, W)), repeated once per guidance scale like the images."""
+    if key == "conditions":
+        return {
+            name: array
+            for input_key, value in inputs.items()
+            for name, array in recorded_inputs(value, RECORDED_AS.get(input_key, input_key), scales).items()
+        }
+    if key == "prompts":
+        return {key: np.asarray(list(inputs) * scales)}
+    repeated = inputs.repeat(scales, *[1] * (inputs.ndim - 1)).cpu()
+    return {key: repeated.numpy() if key == "labels" else repeated.to(torch.float16).numpy()}
+
+
+def recorded_guidance(scales: list, n: int, form: str) -> dict[str, np.ndarray]:
+    """`guidance` (a scale per image), or one `guidance_<name>` per condition and `guidance_form`."""
+    if not isinstance(scales[0], dict):
+        return {"guidance": np.repeat(np.asarray(scales, dtype=np.float32), n)}
+    per_name = {
+        f"guidance_{name}": np.repeat(np.asarray([s[name] for s in scales], np.float32), n)
+        for name in scales[0]
+    }
+    return per_name | {"guidance_form": np.asarray(form)}
+
+
+def spatial_preview(encoder, inputs, images: torch.Tensor, n: int, scales: int) -> torch.Tensor:
+    """uint8 tiles (rows, 1 + scales, C, H, W): each of the first rows' condition, then its sample at each scale."""
+    shown = min(n, max(1, PREVIEW_IMAGES // (scales + 1)))
+    tiles = images[torch.tensor([[b * n + i for b in range(scales)] for i in range(shown)])]
+    picture = condition_preview(encoder, take_rows(inputs, 0, shown), images.shape[1])
+    return tiles if picture is None else torch.cat([to_uint8(picture)[:, None], tiles], dim=1)
+
+
+def _text_encoder(encoder):
+    """The caption encoder of a caption model, or of a combined model's caption source."""
+    if isinstance(encoder, CombinedEncoder):
+        return next(e for e in encoder.sources.values() if e.input_key == "caption")
+    return encoder
+
+
+def read_maps(cfg: DictConfig, module) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """({source: maps} from the sketch=/semantic=/lowres=/inpaint= files or derived from conditions_from=,
+    the real images of conditions_from= or None), read the way the model's encoders derive their maps."""
+    encoders = {e.input_key: e for e in spatial_encoders(module.encoder)}
+    size, channels = module.net.image_size, module.net.in_channels
+    if cfg.get("mask") is not None and cfg.get("inpaint") is None:
+        raise ConfigError("mask= is the inpainting mask; it goes with inpaint=<png or folder>")
+    maps = {}
+    for key in SPATIAL_KEYS:
+        if cfg.get(key) is not None:
+            options = encoders[key].transform if key in encoders else {}
+            mask = cfg.get("mask") if key == "inpaint" else None
+            # A key the model does not take stays unread (None): `conditions` names it in its error.
+            maps[key] = (
+                read_condition(key, cfg[key], size, channels, options, mask) if key in encoders else None
+            )
+    if cfg.get("conditions_from") is None:
+        return maps, None
+    sources = {key: e.transform for key, e in encoders.items() if key not in maps}
+    images, derived = conditions_from(cfg.conditions_from, sources, size, channels, cfg.seed)
+    return maps | derived, images
+
+
 def run(cfg: DictConfig) -> Path:
     # Every argument is checked before the model is loaded or a file is written.
     n = checks.positive_int(cfg, "n", 100)
     asked = checks.optional_guidance_scales(cfg)
     interval = checks.guidance_interval(cfg)
+    form = checks.guidance_form(cfg)
     steps = checks.optional_positive_int(cfg, "steps", 20)
     batch_size = checks.positive_int(cfg, "batch_size", 250)
     seed = checks.non_negative_int(cfg, "seed", 0)
@@ -63,34 +141,42 @@ def run(cfg: DictConfig) -> Path:
     module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
     scales, guidance_words = guidance_for(module, asked)
     log.info("sampling from %s at %s", path, guidance_words)
-    inputs, key = conditions(module.encoder, labels, prompts, n, checkpoint=path)
+    maps, real_images = read_maps(cfg, module)
+    inputs, key = conditions(module.encoder, labels, prompts, n, checkpoint=path, maps=maps)
     sampler = resolve_sampler(module, factory, steps)
 
     # What the model reads of each prompt: cut to the encoder's token limit (a warning, before sampling).
+    prompts_read = inputs.get("caption") if key == "conditions" else inputs if key == "prompts" else None
     seen = (
-        {"prompts_seen": np.asarray(module.encoder.seen_text(inputs) * len(scales))}
-        if key == "prompts"
+        {"prompts_seen": np.asarray(_text_encoder(module.encoder).seen_text(prompts_read) * len(scales))}
+        if prompts_read is not None
         else {}
     )
     images = torch.cat([
-        generate_batched(module, inputs, s, sampler, batch_size, seed, guidance_interval=interval)
+        generate_batched(module, inputs, s, sampler, batch_size, seed, guidance_interval=interval,
+                         guidance_form=form)
         for s in scales
     ])  # fmt: skip
-    recorded = inputs.repeat(len(scales)).numpy() if key == "labels" else np.asarray(inputs * len(scales))
+    records = recorded_inputs(inputs, key, len(scales))
+    if real_images is not None:  # the images conditions_from= derived the maps from
+        records["condition_images"] = to_uint8(cycle(real_images, n)).repeat(len(scales), 1, 1, 1).numpy()
     np.savez_compressed(
         out / "samples.npz",
         images=images.numpy(),
-        guidance=np.repeat(np.asarray(scales, dtype=np.float32), n),
         guidance_interval=np.asarray(interval or checks.EVERY_STEP, dtype=np.float32),
-        **{key: recorded},
+        **recorded_guidance(scales, n, form),
+        **records,
         **seen,
     )
-    rows = preview_rows(inputs.tolist() if key == "labels" else inputs, len(scales))
-    tiles = images[torch.tensor(rows)]  # (conditions, scales · columns, C, H, W)
+    if key in ("labels", "prompts"):
+        rows = preview_rows(inputs.tolist() if key == "labels" else inputs, len(scales))
+        tiles = images[torch.tensor(rows)]  # (conditions, scales · columns, C, H, W)
+    else:
+        tiles = spatial_preview(module.encoder, inputs, images, n, len(scales))
     save_image(
         to_unit(to_model_range(tiles.flatten(0, 1))), out / "samples.png", nrow=tiles.shape[1], padding=2
     )
-    kind = "class" if key == "labels" else "prompt"
+    kind = {"labels": "class", "prompts": "prompt"}.get(key, "condition (shown first)")
     print(
         f"sampled {len(images)} images from {path}\nwrote {out / 'samples.npz'} ({len(images)} images) and "
         f"{out / 'samples.png'} (a preview of {tiles.shape[0] * tiles.shape[1]}: one row per {kind}, "

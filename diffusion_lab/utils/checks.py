@@ -73,6 +73,17 @@ def _per_condition_scales(key: str, value) -> list[dict[str, float]]:
     return grid
 
 
+def guidance_form(cfg: DictConfig, key: str = "guidance_form") -> str:
+    """How per-condition scales combine: `nested` (InstructPix2Pix) or `independent` (composable diffusion)."""
+    form = cfg.get(key, "nested")
+    if form not in ("nested", "independent"):
+        raise ConfigError(
+            f"{key}={form!r}: expected nested (ε(∅) + s₁(ε(c₁) − ε(∅)) + s₂(ε(c₁,c₂) − ε(c₁))) or "
+            "independent (ε(∅) + Σ sᵢ(ε(cᵢ) − ε(∅)))"
+        )
+    return form
+
+
 def optional_guidance_scales(cfg: DictConfig, key: str = "guidance") -> list[float] | None:
     """null (the checkpoint's own scale, known once it loads) or what `guidance_scales` accepts."""
     return None if cfg.get(key) is None else guidance_scales(cfg, key)

@@ -12,6 +12,9 @@ for a brace pattern, a .tar path or a folder of .tar files; any other file is a 
 are converted to PIL `L`/`RGB` (data.channels), resized on the shorter side and centre-cropped to
 data.image_size. Metadata is read as UTF-8, a leading byte-order mark (spreadsheet CSV) dropped.
 
+`data.conditions` adds spatial condition maps to each batch as it is collated (decode.collate, data/
+spatial.py), seeded by data.condition_seed and each image's index (imagefolder) or key (webdataset).
+
 Validation is data.val_root when set; otherwise a seeded holdout of data.val_size rows (imagefolder)
 or the first shard (webdataset).
 
@@ -26,13 +29,14 @@ index. A caption column that no row has is a ConfigError at setup under both pol
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_lab.data import webdataset_shards
+from diffusion_lab.data import spatial, webdataset_shards
 from diffusion_lab.data.bad_samples import BadSamples, EvalLoader, TrainLoader
 from diffusion_lab.data.image_folder import METADATA, CaptionedImages, find_metadata, read_rows
 from diffusion_lab.data.loaders import RestoresTrainPosition, ranks, sampled_loader
@@ -92,9 +96,12 @@ class CaptionedImageDataModule(RestoresTrainPosition, L.LightningDataModule):
         in_memory: bool | str = "auto",
         num_samples: int | None = None,
         shuffle_buffer: int = 1000,
+        conditions: Mapping | None = None,
+        condition_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.conditions = spatial.check(conditions)  # a bad source or option fails here, not in a batch
         expected = {
             "root": (bool(root), "an imagefolder or shards: data.root=<dir> (dlab-make-captions writes one)"),
             "format": (format in ("auto", "imagefolder", "webdataset"), "auto, imagefolder or webdataset"),
@@ -132,7 +139,9 @@ class CaptionedImageDataModule(RestoresTrainPosition, L.LightningDataModule):
     def _read(self, folder, key: str, train: bool) -> CaptionedImages:
         hp = self.hparams
         rows = read_rows(find_metadata(folder, key), hp.caption_column, self.bad)
-        data = CaptionedImages(rows, hp.image_size, hp.channels, self.bad, train)
+        data = CaptionedImages(
+            rows, hp.image_size, hp.channels, self.bad, train, self.conditions, hp.condition_seed
+        )
         n, size = len(rows), len(rows) * hp.channels * hp.image_size**2  # images, decoded bytes
         small = n <= IN_MEMORY_MAX[0] and size <= IN_MEMORY_MAX[1]
         return data.load_all() if hp.in_memory is True or (hp.in_memory == "auto" and small) else data

@@ -1,5 +1,6 @@
 """One captioned sample, read the same way from an image folder and from webdataset shards: image
-bytes → uint8 (C, size, size), a caption cell → its strings; and a batch of such items.
+bytes → uint8 (C, size, size), a caption cell → its strings; and a batch of such items, with the
+spatial condition maps (data.conditions) added to it.
 
 A sample that cannot be used raises BadSample; the caller applies data.on_bad_sample.
 """
@@ -7,11 +8,13 @@ A sample that cannot be used raises BadSample; the caller applies data.on_bad_sa
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from diffusion_lab.data import spatial
 from diffusion_lab.data.bad_samples import BadSample
 from diffusion_lab.utils.images import to_model_range
 
@@ -43,10 +46,19 @@ def caption_list(value) -> list[str]:
     return [c.strip() for c in items]
 
 
-def collate(items: list[dict]) -> dict:
-    """Items `{"image": uint8 (C, H, W), "caption": str}` → a batch; skipped samples ride in `_bad`."""
+def collate(items: list[dict], conditions: Mapping | None = None, seed: int = 0) -> dict:
+    """Items `{"image": uint8 (C, H, W), "caption": str}` → a batch; skipped samples ride in `_bad`.
+
+    With `conditions` (source → options), each source's map is added under its name, seeded per
+    sample by `seed` and the item's `_id`: its index in the folder, or its key in the shards.
+    """
     batch = {"image": to_model_range(torch.stack([i["image"] for i in items])), "caption": []}
     for item in items:
         batch["caption"].append(item["caption"])
         batch.setdefault("_bad", []).extend(item.get("_bad", ()))
+    if conditions:
+        ids = [item["_id"] for item in items]
+        is_key = isinstance(ids[0], str)
+        seeds = spatial.key_seeds(seed, ids) if is_key else spatial.sample_seeds(seed, torch.tensor(ids))
+        batch |= spatial.derive(batch["image"], conditions, seeds)
     return batch

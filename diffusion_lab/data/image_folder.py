@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,17 +99,31 @@ def read_rows(meta: Path, caption_column: str, bad: BadSamples) -> list[Row]:
 
 
 class CaptionedImages(Dataset):
-    """Rows of an imagefolder; images decoded per access, or once into `images` (uint8) by `load_all`."""
+    """Rows of an imagefolder; images decoded per access, or once into `images` (uint8) by `load_all`.
+    `conditions` (data.conditions) add spatial maps seeded by (condition_seed, row index): decode.collate."""
 
-    def __init__(self, rows: list[Row], size: int, channels: int, bad: BadSamples, train: bool):
+    def __init__(
+        self,
+        rows: list[Row],
+        size: int,
+        channels: int,
+        bad: BadSamples,
+        train: bool,
+        conditions: Mapping | None = None,
+        condition_seed: int = 0,
+    ):
         self.rows, self.size, self.bad, self.train = rows, size, bad, train
+        self.conditions, self.condition_seed = conditions, condition_seed
         self.mode = "L" if channels == 1 else "RGB"
         self.images: torch.Tensor | None = None  # (N, C, size, size) once loaded
         self._known_bad: set[int] = set()  # per process: indices not worth decoding again
 
     def subset(self, index, train: bool) -> CaptionedImages:
         index = torch.as_tensor(index, dtype=torch.long)
-        part = CaptionedImages([self.rows[i] for i in index], self.size, len(self.mode), self.bad, train)
+        rows = [self.rows[i] for i in index]
+        part = CaptionedImages(
+            rows, self.size, len(self.mode), self.bad, train, self.conditions, self.condition_seed
+        )
         part.images = None if self.images is None else self.images[index]
         return part
 
@@ -146,12 +161,12 @@ class CaptionedImages(Dataset):
                 continue
             # A random caption per training draw, from torch's RNG (seeded runs, and per loader worker).
             pick = int(torch.randint(len(row.captions), ())) if self.train else 0
-            return {"image": image, "caption": row.captions[pick], "_bad": skipped}
+            return {"image": image, "caption": row.captions[pick], "_id": i, "_bad": skipped}
         raise DataError(f"none of the {len(self)} images from {self.rows[0].name} on is readable.")
 
     def __getitem__(self, index: int) -> dict:
-        item = collate([self._item(index)])
-        return {"image": item["image"][0], "caption": item["caption"][0]}
+        batch = collate([self._item(index)], self.conditions, self.condition_seed)
+        return {key: value[0] for key, value in batch.items() if key != "_bad"}
 
     def __getitems__(self, indices) -> dict:  # the DataLoader's batched fetch
-        return collate([self._item(i) for i in indices])
+        return collate([self._item(i) for i in indices], self.conditions, self.condition_seed)

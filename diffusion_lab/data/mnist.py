@@ -8,6 +8,7 @@ resumable mid-epoch (loaders.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_lab.data import spatial
 from diffusion_lab.data.loaders import (
     RestoresTrainPosition,
     ResumableDataLoader,
@@ -77,24 +79,39 @@ def load_split(root: str | Path, train: bool, dataset: str = "mnist", download: 
 
 
 class TensorImageDataset(Dataset):
-    """uint8 images held in memory; items are dicts `{"image": [-1, 1] float, "label": long}`."""
+    """uint8 images held in memory; items are dicts `{"image": [-1, 1] float, "label": long}`, plus
+    each spatial condition's map under its source's name when `conditions` (spatial.derive) are set,
+    seeded by `sample_seeds(condition_seed, index)`, so an index gets the same map in any batch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        conditions: Mapping | None = None,
+        condition_seed: int = 0,
+    ):
         self.images, self.labels = images, labels
+        self.conditions, self.condition_seed = spatial.check(conditions), condition_seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index):
-        return {"image": to_model_range(self.images[index]), "label": self.labels[index]}
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
     def __getitems__(self, indices):
-        # Batched fetch: one tensor gather instead of B python-level item calls.
-        return self[torch.as_tensor(indices)]
+        # Batched fetch: one tensor gather (and one batched transform) instead of B item calls.
+        indices = torch.as_tensor(indices)
+        batch = {"image": to_model_range(self.images[indices]), "label": self.labels[indices]}
+        if self.conditions:
+            seeds = spatial.sample_seeds(self.condition_seed, indices)
+            batch |= spatial.derive(batch["image"], self.conditions, seeds)
+        return batch
 
 
 class MNISTDataModule(RestoresTrainPosition, L.LightningDataModule):
-    """Train/val from the official train split (seeded split), test from the official test split."""
+    """Train/val from the official train split (seeded split), test from the official test split.
+    `conditions` (source → options) adds spatial condition maps to every batch (data/spatial.py)."""
 
     def __init__(
         self,
@@ -105,9 +122,12 @@ class MNISTDataModule(RestoresTrainPosition, L.LightningDataModule):
         val_size: int = 5000,
         num_workers: int = 0,
         split_seed: int = 0,
+        conditions: Mapping | None = None,
+        condition_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.conditions = spatial.check(conditions)  # a bad source or option fails here, not in a batch
         self.train_set = self.val_set = self.test_set = None
 
     def prepare_data(self) -> None:
@@ -117,14 +137,15 @@ class MNISTDataModule(RestoresTrainPosition, L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        spatial_maps = {"conditions": self.conditions, "condition_seed": hp.condition_seed}
         if self.train_set is None:
             images, labels = load_split(hp.data_dir, True, hp.dataset)
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.split_seed))
             val_idx, train_idx = order[: hp.val_size], order[hp.val_size :]
-            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx])
-            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
+            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], **spatial_maps)
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], **spatial_maps)
         if stage in (None, "test") and self.test_set is None:
-            self.test_set = TensorImageDataset(*load_split(hp.data_dir, False, hp.dataset))
+            self.test_set = TensorImageDataset(*load_split(hp.data_dir, False, hp.dataset), **spatial_maps)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         world, rank = ranks(self)

@@ -29,6 +29,7 @@ A mid-epoch resume starts the epoch's stream afresh: an IterableDataset has no s
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -183,7 +184,7 @@ class Decode:
                 if ext is None:
                     raise BadSample(f"has no image ({'/'.join(IMAGE_EXTS)}) in the shard")
                 text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
-                item = {"caption": caption_list(text)[0]}
+                item = {"caption": caption_list(text)[0], "_id": sample["__key__"]}  # seeds its maps
                 item["image"] = load_image(io.BytesIO(sample[ext]), self.size, self.mode)
             except BadSample as err:
                 self.bad.fail(name, err)  # raises under data.on_bad_sample=raise
@@ -281,6 +282,6 @@ def loader(shards: Shards, train: bool, world: int, rank: int, hp) -> EvalLoader
         Epoch(data, per_stream * streams, train, shards.bad),  # len(loader): this rank's batches
         batch_size=batch,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, conditions=hp.conditions, seed=hp.condition_seed),
         persistent_workers=workers > 0,
     )

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
 import torch
 
+from diffusion_lab.data import spatial
 from diffusion_lab.data.mnist import MNISTDataModule, load_split
-from diffusion_lab.errors import DataError
+from diffusion_lab.errors import ConfigError, DataError
 
 RAW = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
 
@@ -22,6 +24,7 @@ def test_batches_follow_the_contract(data_dir):
     assert batch["image"].shape == (32, 1, 28, 28) and batch["image"].dtype == torch.float32
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and batch["image"].min() == -1
     assert batch["label"].dtype == torch.long and batch["label"].shape == (32,)
+    assert batch.keys() == {"image", "label"}  # no data.conditions: no condition maps
     # Normalised on the fly from the uint8 tensor: pixel 0 -> -1, 255 -> 1.
     images, labels = load_split(data_dir, train=True)
     assert images.dtype == torch.uint8 and images.shape == (60_000, 1, 28, 28)
@@ -34,6 +37,29 @@ def test_split_is_seeded_and_disjoint(data_dir):
     b.setup("fit")
     assert torch.equal(a.val_set.images, b.val_set.images)
     assert torch.equal(a.val_set.labels, b.val_set.labels)
+
+
+def test_condition_maps_are_derived_per_batch_and_seeded_by_index(data_dir):
+    conditions = {"sketch": {}, "inpaint": {"masks": ["box", "free_form"]}}
+    dm = MNISTDataModule(
+        data_dir=str(data_dir), batch_size=8, val_size=100, conditions=conditions, condition_seed=3
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    indices = torch.tensor(list(itertools.islice(iter(loader.sampler), 8)))  # the same epoch-0 order
+    expected = spatial.derive(batch["image"], conditions, spatial.sample_seeds(3, indices))
+    assert batch.keys() == {"image", "label", "sketch", "inpaint"}
+    assert all(torch.equal(batch[name], expected[name]) for name in conditions)
+    # An index has the same maps alone (__getitem__), in another batch, and at validation time.
+    assert torch.equal(dm.train_set[int(indices[5])]["inpaint"], batch["inpaint"][5])
+    assert torch.equal(dm.train_set.__getitems__([0, int(indices[5])])["inpaint"][1], batch["inpaint"][5])
+    val = next(iter(dm.val_dataloader()))
+    assert torch.equal(
+        val["inpaint"], spatial.inpaint(val["image"], spatial.sample_seeds(3, torch.arange(8)))
+    )
+    with pytest.raises(ConfigError, match=r"data\.conditions\.skecth: .*'sketch'"):
+        MNISTDataModule(data_dir=str(data_dir), conditions={"skecth": {}})
 
 
 # --- bad folders and corrupt files ------------------------------------------------------------

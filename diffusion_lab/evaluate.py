@@ -1,8 +1,10 @@
 """`dlab-eval`: a checkpoint -> FID / KID / conditional accuracy against guidance and sampling steps.
 
 Writes `eval.json`, `guidance.png` and (unless `steps_sweep.samplers=[]`) `steps.png` to the run folder
-and logs them to the logger.
-Every FID is reported with the real-vs-real floor at the same N (`fid_real_floor`).
+and logs them to the logger. Every FID comes with the real-vs-real floor at the same N (`fid_real_floor`),
+every spatial condition's fidelity (`spatial_fidelity.SCORES`) with what real digits score against their
+own maps (`fidelity_real_floor`). Several conditions can be swept over a grid of per-condition scales, which
+guidance.png draws as a heat-map per score for two.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
+from diffusion_lab.diffusion.guidance import FORMS
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.inference import generate_batched, load_module, pick_device, resolve_sampler
 from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
+from diffusion_lab.metrics.spatial_fidelity import SCORES
 from diffusion_lab.metrics.targets import Targets, targets_for
+from diffusion_lab.nets.encoders import CombinedEncoder
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.plots import plt
 
@@ -30,27 +36,80 @@ log = logging.getLogger("diffusion_lab")
 # FID's full-rank bound (2 × feature dim) for the evaluator dlab-train-evaluator trains by default (128
 # features), checked before the evaluator is asked for; the loaded evaluator checks its own bound again.
 MIN_FID_IMAGES = 256
+# guidance=null: conditional, the default recipe's best point (benchmarks/README.md), over-guided.
+DEFAULT_SCALES = [1.0, 1.6, 2.0]
 
 
-def score(evaluator, module, sampler, targets: Targets, guidance: float, cfg: DictConfig) -> dict:
-    """FID / KID / digit accuracy of samples for `targets`, plus caption fidelity for a caption model."""
+def sweep_scales(cfg: DictConfig) -> list[float | dict[str, float]]:
+    """The scales `guidance=` asks for (`checks.guidance_scales`); null: DEFAULT_SCALES. (A null default,
+    not a list, so that `guidance='{sketch: [1, 2], text: [1, 3]}'` can replace it on the command line.)"""
+    return checks.optional_guidance_scales(cfg) or DEFAULT_SCALES
+
+
+def guidance_key(scale: float | dict[str, float]) -> str:
+    """A guidance row's key in eval.json and the logs: `2.0`, or `sketch=1.5,text=3` per condition."""
+    if isinstance(scale, dict):
+        return ",".join(f"{name}={s:g}" for name, s in scale.items())
+    return str(scale)
+
+
+def score(evaluator, module, sampler, targets: Targets, guidance, cfg: DictConfig) -> dict:
+    """FID / KID / digit accuracy of samples for `targets`, plus caption fidelity for a caption model and
+    the mean fidelity to each spatial condition (`spatial_fidelity.SCORES`) for a spatial one."""
     interval = checks.guidance_interval(cfg)
     images = generate_batched(
-        module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed, guidance_interval=interval
-    )
+        module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed,
+        guidance_interval=interval, guidance_form=cfg.guidance_form,
+    )  # fmt: skip
     result = evaluator.evaluate(images, targets.digits)
     if targets.attributes:
         result["attribute_agreement"] = agreement(
             images, targets.attributes, train_thresholds(cfg.paths.data_dir)
         )
-    return result
+    return result | targets.fidelity(images)
 
 
-def plot_sweep(ax_fid, ax_acc, xs, rows: list[dict], label: str, floor: float | None = None) -> None:
-    ax_fid.plot(xs, [r["fid"] for r in rows], "o-", label=label)
-    ax_acc.plot(xs, [r["accuracy"] for r in rows], "o-", label=label)
-    if floor is not None:
-        ax_fid.axhline(floor, color="grey", ls="--", label="real-vs-real floor")
+def panels(row: dict) -> tuple:
+    """(figure, {score: axis}): a panel per score a row holds: FID, accuracy, each spatial fidelity."""
+    names = ["fid", "accuracy", *(name for name in SCORES.values() if name in row)]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    return fig, dict(zip(names, axes[0], strict=True))
+
+
+def line_panels(series: dict[str, tuple], floors: dict, **axis):
+    """(figure, {score: axis}): a panel per score, a line per `series` label -> (xs, rows), `floors`
+    (score -> real-data value) dashed; `axis` (xlabel, title, ...) set on every panel."""
+    fig, axes = panels(next(iter(series.values()))[1][0])
+    for name, ax in axes.items():
+        for label, (xs, rows) in series.items():
+            ax.plot(xs, [r[name] for r in rows], "o-", label=label)
+        if name in floors:
+            ax.axhline(floors[name], color="grey", ls="--", label="real data")
+        ax.set(ylabel=name, yscale="log" if name == "fid" else "linear", **axis)
+        if name in ("accuracy", "stroke_f1", "region_iou"):  # in [0, 1], unlike FID and the PSNRs
+            ax.set_ylim(0, 1.02)
+    axes["fid"].legend()
+    return fig, axes
+
+
+def plot_heatmaps(scales: list[dict], rows: list[dict], floors: dict, n: int):
+    """A heat-map per score over the grid of two conditions' scales, each cell's value written in it."""
+    across, up = scales[0]
+    xs, ys = (list(dict.fromkeys(s[name] for s in scales)) for name in (across, up))  # in the order given
+    fig, axes = panels(rows[0])
+    for name, ax in axes.items():
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for scale, row in zip(scales, rows, strict=True):
+            grid[ys.index(scale[up]), xs.index(scale[across])] = row[name]
+        ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        middle = np.nanmean(grid)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="k" if value > middle else "w")
+        floor = f", real data {floors[name]:.3g}" if name in floors else ""
+        ax.set(title=f"{name} (N = {n}{floor})", xlabel=f"{across} guidance", ylabel=f"{up} guidance",
+               xticks=range(len(xs)), xticklabels=[f"{x:g}" for x in xs],
+               yticks=range(len(ys)), yticklabels=[f"{y:g}" for y in ys])  # fmt: skip
+    return fig
 
 
 def save_figure(fig, path: Path, loggers) -> None:
@@ -75,13 +134,22 @@ def enough_for_fid(cfg: DictConfig, key: str) -> None:
 
 def check_arguments(cfg: DictConfig) -> None:
     enough_for_fid(cfg, "n")
-    checks.guidance_scales(cfg)
+    sweep_scales(cfg)
     checks.guidance_interval(cfg)
+    if cfg.guidance_form not in FORMS:
+        raise ConfigError(
+            f"guidance_form={cfg.guidance_form!r}: expected one of {', '.join(FORMS)} (how per-condition "
+            "scales combine, conf/eval.yaml), e.g. guidance_form=nested"
+        )
     checks.optional_positive_int(cfg, "steps", 20)
     checks.positive_int(cfg, "batch_size", 500)
     checks.non_negative_int(cfg, "seed", 0)
     enough_for_fid(cfg, "steps_sweep.n")
-    checks.guidance_scales(cfg.steps_sweep, "guidance")
+    if len(checks.guidance_scales(cfg.steps_sweep, "guidance")) != 1:
+        raise ConfigError(
+            f"steps_sweep.guidance={OmegaConf.to_container(cfg.steps_sweep.guidance)}: expected one scale "
+            "(a number, or one per condition), e.g. steps_sweep.guidance=1.6"
+        )
     for steps in checks.as_list(cfg.steps_sweep.steps):
         checks.positive_int(OmegaConf.create({"steps_sweep": {"steps": steps}}), "steps_sweep.steps", 20)
     unknown = set(checks.as_list(cfg.steps_sweep.samplers)) - set(cfg.samplers)
@@ -92,6 +160,25 @@ def check_arguments(cfg: DictConfig) -> None:
         )
 
 
+def check_guidance_names(module, cfg: DictConfig) -> None:
+    """Per-condition scales name conditions this model takes: checked once it loads, before sampling."""
+    names = list(module.encoder.sources) if isinstance(module.encoder, CombinedEncoder) else []
+    for key, scales in (
+        ("guidance", sweep_scales(cfg)),
+        ("steps_sweep.guidance", checks.guidance_scales(cfg.steps_sweep, "guidance")),
+    ):
+        named = list(dict.fromkeys(name for scale in scales if isinstance(scale, dict) for name in scale))
+        unknown = [name for name in named if name not in names]
+        if unknown:
+            raise ConfigError(
+                f"{key} names {', '.join(unknown)}, which this model does not take; its conditions are "
+                f"{', '.join(names)}, e.g. {key}='{{{names[0]}: 1.5}}'"
+                if names
+                else f"{key} gives one scale per condition ({', '.join(named)}), but this model has one "
+                f"condition ({module.encoder.input_key}): give numbers, e.g. {key}=[1,2]"
+            )
+
+
 def sampler_factories(cfg: DictConfig) -> tuple:
     """(the guidance sweep's sampler partial, or None for the run's own; {name: partial} of the steps
     sweep), instantiated from their configs before the model loads."""
@@ -100,17 +187,22 @@ def sampler_factories(cfg: DictConfig) -> tuple:
 
 
 def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets) -> dict:
-    """The results' `sampler`, `guidance_interval`, `guidance` (a row per scale) and `fid_real_floor`."""
+    """The results' `sampler`, `guidance_interval`, `guidance_form`, `guidance` (a row per scale or grid
+    point, keyed by `guidance_key`), `fid_real_floor` and, for spatial conditions, `fidelity_real_floor`."""
     results = {"sampler": {"name": type(sampler).__name__, "steps": sampler.num_steps}}
     interval = checks.guidance_interval(cfg) or checks.EVERY_STEP
     # JSON has no infinity: an open upper bound is written "inf".
     results["guidance_interval"] = [b if math.isfinite(b) else "inf" for b in interval]
+    results["guidance_form"] = cfg.guidance_form
     results["guidance"] = {}
-    for scale in checks.guidance_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
-        results["guidance"][str(scale)] = score(evaluator, module, sampler, targets, scale, cfg)
-        log.info("guidance %g: %s", scale, {k: v for k, v in results["guidance"][str(scale)].items()
-                                             if k in ("fid", "accuracy", "fid_real_floor", "attribute_agreement")})  # fmt: skip
+    for scale in sweep_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
+        key = guidance_key(scale)
+        results["guidance"][key] = row = score(evaluator, module, sampler, targets, scale, cfg)
+        shown = ("fid", "accuracy", "fid_real_floor", "attribute_agreement", *SCORES.values())
+        log.info("guidance %s: %s", key, {k: v for k, v in row.items() if k in shown})
     results["fid_real_floor"] = next(iter(results["guidance"].values()))["fid_real_floor"]
+    if targets.maps:
+        results["fidelity_real_floor"] = targets.fidelity_floor()
     return results
 
 
@@ -118,49 +210,46 @@ def steps_sweep(cfg: DictConfig, evaluator, module, samplers: dict, targets: Tar
     """{sampler name: {steps: row}} at `steps_sweep.guidance`; `samplers` holds each name's sampler per
     step count."""
     sweep = cfg.steps_sweep
+    (scale,) = checks.guidance_scales(sweep, "guidance")
     return {
-        name: {
-            str(s): score(evaluator, module, by_steps[s], targets, sweep.guidance, cfg) for s in sweep.steps
-        }
+        name: {str(s): score(evaluator, module, by_steps[s], targets, scale, cfg) for s in sweep.steps}
         for name, by_steps in samplers.items()
     }
 
 
 def plot_results(cfg: DictConfig, results: dict, out: Path, loggers) -> None:
-    """guidance.png, and steps.png unless `steps_sweep.samplers=[]` skipped the sweep (no empty figure)."""
-    fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    plot_sweep(ax_fid, ax_acc, checks.guidance_scales(cfg), list(results["guidance"].values()),
-               results["sampler"]["name"], results["fid_real_floor"])  # fmt: skip
-    ax_fid.set(xlabel="guidance scale", ylabel="FID-MNIST", yscale="log", title=f"N = {cfg.n}")
-    ax_acc.set(xlabel="guidance scale", ylabel="conditional accuracy", ylim=(0, 1.02))
-    ax_fid.legend()
+    """guidance.png: each score against the scale, or a heat-map per score over a grid of two conditions'
+    scales; steps.png unless `steps_sweep.samplers=[]` skipped the sweep (no empty figure)."""
+    scales = sweep_scales(cfg)
+    rows = [results["guidance"][guidance_key(s)] for s in scales]
+    floors = {"fid": results["fid_real_floor"], **results.get("fidelity_real_floor", {})}
+    if isinstance(scales[0], dict) and len(scales[0]) == 2:
+        fig = plot_heatmaps(scales, rows, floors, cfg.n)
+    else:
+        xs = scales if isinstance(scales[0], float) else range(len(scales))
+        series = {results["sampler"]["name"]: (xs, rows)}
+        fig, axes = line_panels(series, floors, xlabel="guidance scale", title=f"N = {cfg.n}")
+        if not isinstance(scales[0], float):  # a point per combination of scales, named under it
+            for ax in axes.values():
+                ax.set_xticks(xs, [guidance_key(s) for s in scales], rotation=30, ha="right")
     save_figure(fig, out / "guidance.png", loggers)
     if results["steps"]:
         sweep = cfg.steps_sweep
-        fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for name, rows in results["steps"].items():
-            plot_sweep(ax_fid, ax_acc, list(sweep.steps), list(rows.values()), name)
-        ax_fid.set(xlabel="sampling steps", ylabel="FID-MNIST", xscale="log", yscale="log",
-                   title=f"N = {sweep.n}, guidance {sweep.guidance:g}")  # fmt: skip
-        ax_acc.set(xlabel="sampling steps", ylabel="conditional accuracy", xscale="log", ylim=(0, 1.02))
-        ax_fid.legend()
+        series = {name: (list(sweep.steps), list(rows.values())) for name, rows in results["steps"].items()}
+        title = f"N = {sweep.n}, guidance {guidance_key(checks.guidance_scales(sweep, 'guidance')[0])}"
+        fig, _ = line_panels(series, {}, xlabel="sampling steps", xscale="log", title=title)
         save_figure(fig, out / "steps.png", loggers)
 
 
 def log_results(results: dict, loggers) -> None:
-    """The guidance sweep's numbers (and the floor) to every logger, one `eval/<metric>@g<scale>` each."""
-    flat = {
-        f"eval/{k}@g{s}": r[k]
-        for s, r in results["guidance"].items()
-        for k in ("fid", "kid_mean", "accuracy")
-    }
-    flat |= {
-        f"eval/agreement_{name}@g{s}": value
-        for s, r in results["guidance"].items()
-        for name, value in r.get("attribute_agreement", {}).items()
-    }
+    """The guidance sweep's numbers (and the floors) to every logger, one `eval/<score>@g<key>` each."""
+    floors = {"fid": results["fid_real_floor"], **results.get("fidelity_real_floor", {})}
+    flat = {f"eval/{name}_real_floor": value for name, value in floors.items()}
+    for s, r in results["guidance"].items():
+        flat |= {f"eval/{k}@g{s}": r[k] for k in ("fid", "kid_mean", "accuracy", *SCORES.values()) if k in r}
+        flat |= {f"eval/agreement_{k}@g{s}": v for k, v in r.get("attribute_agreement", {}).items()}
     for logger in loggers:
-        logger.log_metrics(flat | {"eval/fid_real_floor": results["fid_real_floor"]})
+        logger.log_metrics(flat)
         logger.save()
 
 
@@ -174,11 +263,13 @@ def run(cfg: DictConfig) -> dict:
     evaluator.require(cfg.n)
     evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
     module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
+    check_guidance_names(module, cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
 
-    targets = targets_for(module, cfg.n, cfg.get("captions"))
-    sweep_targets = targets_for(module, cfg.steps_sweep.n, cfg.get("captions"))
+    where = {"captions": cfg.get("captions"), "data_dir": cfg.paths.data_dir, "seed": cfg.seed}
+    targets = targets_for(module, cfg.n, **where)
+    sweep_targets = targets_for(module, cfg.steps_sweep.n, **where)
     sampler = resolve_sampler(module, own_factory, cfg.steps)
     # Every sampler of the steps sweep is built now, so a step count the schedule lacks fails before sampling.
     sweep_samplers = {

@@ -1,16 +1,28 @@
-"""`dlab-eval` and validation-time FID on a tiny real checkpoint."""
+"""`dlab-eval` and validation-time FID on a tiny real checkpoint; per-condition guidance grids, spatial
+fidelity and their heat-maps in-process, on a tiny untrained model built from the real configs."""
 
 from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from diffusion_lab import evaluate
+from diffusion_lab.data import spatial
+from diffusion_lab.data.mnist import load_split
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.inference import generate_batched, resolve_sampler
 from diffusion_lab.metrics.classifier import EvaluatorMissingError
+from diffusion_lab.metrics.targets import Targets
+from diffusion_lab.nets.encoders import CombinedEncoder, SpatialEncoder
 from diffusion_lab.train import train
-from tests.conftest import run_cli
+from diffusion_lab.utils.images import to_model_range
+from diffusion_lab.utils.instantiate import build_module
+from diffusion_lab.utils.plots import plt
+from tests.conftest import DATA_DIR, run_cli
 
 METRIC_KEYS = {"fid", "kid_mean", "kid_std", "accuracy", "per_class_accuracy", "fid_real_floor", "n"}
 
@@ -55,3 +67,109 @@ def test_validation_fid_without_evaluator_fails_before_training(compose_cfg, tmp
     cfg = compose_cfg("debug=tiny", "callbacks=with_metrics", f"paths.cache_dir={tmp_path}/empty")
     with pytest.raises(EvaluatorMissingError, match="dlab-train-evaluator"):
         train(cfg)
+
+
+class CountingEvaluator:
+    """The MNIST evaluator's interface without its 256-image FID bound: `fid` is the call count (1, 2, ...),
+    so the row of each grid point, and its heat-map cell, is known."""
+
+    calls = 0
+
+    def evaluate(self, images, labels) -> dict:
+        self.calls += 1
+        return {"fid": float(self.calls), "kid_mean": 0.0, "accuracy": 0.5, "fid_real_floor": 0.5}
+
+
+class RecordingLogger:
+    def log_metrics(self, metrics: dict) -> None:
+        self.metrics = metrics
+
+    def save(self) -> None:
+        pass
+
+
+def sketch_text_targets(n: int = 4) -> Targets:
+    """The first `n` test digits' sketches with a caption each, as targets_for gives a sketch + text model."""
+    images = to_model_range(load_split(DATA_DIR, train=False)[0][:n])
+    seeds = spatial.sample_seeds(0, torch.arange(n))
+    maps = spatial.derive(images, {"sketch": {}}, seeds)
+    inputs = {"sketch": maps["sketch"], "caption": ["a thin seven"] * n}
+    return Targets(inputs, torch.tensor([7, 2, 1, 0][:n]), None, maps, {"sketch": {}}, images, seeds)
+
+
+def test_a_grid_of_two_scales_gives_a_row_per_point_and_a_heat_map_per_score(
+    compose_cfg, tmp_path, monkeypatch
+):
+    module = build_module(compose_cfg("condition=sketch_text", "conditioning=sketch_text", "model=unet_tiny"))
+    grid = "guidance={sketch:[1,2],text:[1,3]}"
+    cfg = compose_cfg(grid, "guidance_form=independent", "batch_size=4", config_name="eval")
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((args[2], kwargs["guidance_form"]))
+        return generate_batched(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_batched", spy)
+    sampler, targets = resolve_sampler(module.eval(), None, 1), sketch_text_targets(2)
+    results = evaluate.guidance_sweep(cfg, CountingEvaluator(), module, sampler, targets)
+    points = [(1.0, 1.0), (1.0, 3.0), (2.0, 1.0), (2.0, 3.0)]  # the grid in the order written
+    assert asked == [({"sketch": s, "text": t}, "independent") for s, t in points]
+    assert list(results["guidance"]) == [
+        "sketch=1,text=1",
+        "sketch=1,text=3",
+        "sketch=2,text=1",
+        "sketch=2,text=3",
+    ]
+    assert [row["fid"] for row in results["guidance"].values()] == [1, 2, 3, 4]
+    assert all(0 <= row["stroke_f1"] <= 1 for row in results["guidance"].values())
+    assert results["fidelity_real_floor"] == {"stroke_f1": 1.0} and results["guidance_form"] == "independent"
+    # One scale on a two-condition model guides both jointly.
+    assert 0 <= evaluate.score(CountingEvaluator(), module, sampler, targets, 2.0, cfg)["stroke_f1"] <= 1
+
+    fig = evaluate.plot_heatmaps(evaluate.sweep_scales(cfg), list(results["guidance"].values()), {}, 2)
+    fid = fig.axes[0]
+    assert [ax.get_title().split()[0] for ax in fig.axes] == ["fid", "accuracy", "stroke_f1"]
+    assert (fid.get_xlabel(), fid.get_ylabel()) == ("sketch guidance", "text guidance")
+    assert fid.images[0].get_array().tolist() == [[1, 3], [2, 4]]  # rows: text 1, 3; columns: sketch 1, 2
+    assert [t.get_text() for t in fid.texts] == ["1", "3", "2", "4"]  # each cell's number written in it
+    plt.close(fig)
+    evaluate.plot_results(cfg, results | {"steps": {}}, tmp_path, [])
+    assert (tmp_path / "guidance.png").stat().st_size > 10_000 and not (tmp_path / "steps.png").exists()
+    logger = RecordingLogger()
+    evaluate.log_results(results, [logger])
+    assert (
+        logger.metrics["eval/stroke_f1@gsketch=2,text=3"]
+        == results["guidance"]["sketch=2,text=3"]["stroke_f1"]
+    )
+    assert (
+        logger.metrics["eval/fid@gsketch=1,text=3"] == 2.0
+        and logger.metrics["eval/stroke_f1_real_floor"] == 1.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("encoder", "guidance", "message"),
+    [
+        (SpatialEncoder("sketch", 1), "{sketch: 2}", "guidance gives one scale per condition (sketch), but this "
+         "model has one condition (sketch): give numbers"),
+        (CombinedEncoder({"sketch": SpatialEncoder("sketch", 1), "lowres": SpatialEncoder("lowres", 1)}),
+         "{sketch: 2, text: [1, 3]}", "guidance names text, which this model does not take; its conditions are "
+         "sketch, lowres"),
+    ],
+)  # fmt: skip
+def test_per_condition_guidance_names_conditions_the_model_takes(compose_cfg, encoder, guidance, message):
+    cfg = compose_cfg(f"guidance={guidance}", config_name="eval")
+    with pytest.raises(ConfigError, match=r"^[^\n]*$") as error:
+        evaluate.check_guidance_names(SimpleNamespace(encoder=encoder), cfg)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("guidance_form=joint", "guidance_form='joint': expected one of nested, independent"),
+     ("steps_sweep.guidance=[1,2]", "steps_sweep.guidance=[1, 2]: expected one scale")],
+)  # fmt: skip
+def test_bad_guidance_form_or_steps_sweep_scale_fail_before_loading(compose_cfg, override, message):
+    with pytest.raises(ConfigError, match=r"^[^\n]*$") as error:
+        evaluate.check_arguments(compose_cfg(override, config_name="eval"))
+    assert message in str(error.value)

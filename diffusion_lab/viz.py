@@ -26,10 +26,19 @@ from torchvision.utils import make_grid
 
 from diffusion_lab import CONFIG_DIR
 from diffusion_lab.cli import hydra_app
+from diffusion_lab.condition import count
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.diffusion.schedules import BETA_SCHEDULES
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import conditions, guidance_for, load_module, resolve_sampler
+from diffusion_lab.inference import (
+    condition_preview,
+    conditions,
+    guidance_for,
+    load_module,
+    resolve_sampler,
+    scale_words,
+)
+from diffusion_lab.sample import read_maps
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.images import to_model_range, to_uint8, to_unit
 from diffusion_lab.utils.plots import plt
@@ -136,8 +145,9 @@ def _save(fig, out: str | Path, name: str) -> Path:
 
 @torch.no_grad()
 def plot_trajectory(cfg: DictConfig) -> Path:
-    """One sample per class through the reverse process: `trajectory.gif` (x_t above x̂₀ at every step)
-    and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀ at the same steps)."""
+    """One sample per class (prompt, or spatial condition) through the reverse process: `trajectory.gif`
+    (x_t above x̂₀ at every step) and `trajectory.png` (rows = classes; x_t at `columns` steps, then x̂₀
+    at the same steps). A spatial condition is shown with its sample: above it in the GIF, first in the PNG."""
     # Every argument is checked before the model is loaded.
     asked = checks.optional_guidance_scales(cfg)
     if asked is not None and len(asked) != 1:
@@ -155,9 +165,13 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     print(f"trajectory of {path} at {guidance_words}")
     sampler = resolve_sampler(module, None, steps)  # the run's own sampler
     # one row per class, or per prompt of a caption model
-    labels, _ = conditions(module.encoder, labels, prompts, checkpoint=path)
+    maps, _ = read_maps(cfg, module)  # sketch=... or conditions_from=... for a spatial model
+    inputs, _ = conditions(module.encoder, labels, prompts, checkpoint=path, maps=maps)
+    n = count(inputs)
     generator = torch.Generator().manual_seed(seed)
-    _, intermediates = module.generate(labels, guidance, sampler, generator, return_intermediates=True)
+    _, intermediates = module.generate(inputs, guidance, sampler, generator, return_intermediates=True)
+    # A spatial condition is shown above its column in the GIF and first in its row in the PNG.
+    picture = condition_preview(module.encoder, inputs, module.net.in_channels)
     x_t, x0 = (
         torch.stack(intermediates["x_t"], 1),
         torch.stack(intermediates["x0"], 1),
@@ -165,8 +179,9 @@ def plot_trajectory(cfg: DictConfig) -> Path:
 
     frames = []
     for k in range(x_t.shape[1]):
-        both = torch.cat([x_t[:, k], x0[:, k]])  # row 1: x_t, row 2: x̂₀
-        grid = to_uint8(make_grid(both.clamp(-1, 1), nrow=len(labels), padding=2, pad_value=1.0))  # white pad
+        both = torch.cat([x_t[:, k], x0[:, k]])  # row 1: x_t, row 2: x̂₀ (a condition row above them)
+        both = both if picture is None else torch.cat([picture, both])
+        grid = to_uint8(make_grid(both.clamp(-1, 1), nrow=n, padding=2, pad_value=1.0))  # white pad
         frame = Image.fromarray(grid.permute(1, 2, 0).numpy())
         frames.append(frame.resize((frame.width * 3, frame.height * 3), Image.NEAREST))
     gif = out / "trajectory.gif"
@@ -175,13 +190,15 @@ def plot_trajectory(cfg: DictConfig) -> Path:
 
     picks = torch.linspace(0, x_t.shape[1] - 1, min(columns, x_t.shape[1])).round().long()
     strip = torch.cat([x_t[:, picks], x0[:, picks]], dim=1)  # (classes, 2 * columns, C, H, W)
+    strip = strip if picture is None else torch.cat([picture[:, None], strip], dim=1)
     grid = make_grid(to_unit(strip.flatten(0, 1)), nrow=strip.shape[1], padding=2, pad_value=1.0)
     fig = plt.figure(figsize=(grid.shape[2] / DPI, grid.shape[1] / DPI + 0.3))
     ax = fig.add_axes((0, 0, 1, grid.shape[1] / (grid.shape[1] + 0.3 * DPI)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     timesteps = [sampler.timesteps[i].item() for i in picks]
-    fig.suptitle(f"x_t (left) and x̂₀ (right) at t = {timesteps}, guidance {guidance:g}", fontsize=8)
+    shown = "" if picture is None else "the condition, then "
+    fig.suptitle(f"{shown}x_t and x̂₀ at t = {timesteps}, guidance {scale_words(guidance)}", fontsize=8)
     print(f"wrote {gif}")
     return _save(fig, out, "trajectory.png")
 

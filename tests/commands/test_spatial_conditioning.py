@@ -108,3 +108,15 @@ def test_conditions_from_derives_the_maps_of_real_images(sketch_model, tmp_path)
     maps, real = read_maps(sample_cfg(conditions_from=str(tmp_path / "digits")), sketch_model)
     assert torch.equal(maps["sketch"], spatial.sketch(to_model_range(images[:3])))
     assert torch.equal(real, to_model_range(images[:3]))
+
+
+def test_trajectory_shows_each_sketch_above_its_sample(sketch_text_run, tmp_path):
+    write_sketches(tmp_path / "sketches", count=3)
+    args = [f"ckpt_path={sketch_text_run}", "sketch=sketches", "prompts=[a thin one]", "steps=2", "out=viz"]
+    result = run_cli("dlab-viz", "plot=trajectory", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(tmp_path / "viz" / "trajectory.gif") as gif:
+        assert gif.size == (3 * (3 * 30 + 2), 3 * (3 * 30 + 2))  # 3 columns; rows: sketch, x_t, x̂₀
+        first = np.asarray(gif.convert("L"))[3 * 2 : 3 * 30, 3 * 2 : 3 * 30]  # the first sketch, 3x upscaled
+    sketch = np.asarray(Image.open(tmp_path / "sketches" / "0.png"))
+    assert np.array_equal(first[::3, ::3] > 127, sketch > 127)

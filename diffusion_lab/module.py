@@ -64,6 +64,8 @@ class DiffusionModule(L.LightningModule):
             ignore=["net", "schedule", "encoder", "sampler", "optimizer", "lr_scheduler"], logger=False
         )
         self.net, self.schedule, self.encoder = net, schedule, encoder
+        if hasattr(encoder, "read_by"):  # spatial encoders build only the parts the net's method reads
+            encoder.read_by(net.conditioning)
         # The run's own sampler; `inference.resolve_sampler` builds others (steps, another config) from it.
         self.sampler_factory = sampler
         self.sampler = sampler(schedule=schedule, prediction_type=prediction_type)

@@ -42,6 +42,12 @@ class ConditioningMethod(nn.Module):
             else None
         )
 
+    @property
+    def reads(self) -> set[str]:
+        """Which parts of a `Condition` this method reads ("tokens", "pooled", "spatial"), so an encoder can
+        leave out what nobody reads (SpatialEncoder.read_by)."""
+        return {"pooled"} if self.mlp is not None else set()
+
     def prepare_input(self, x: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         return x
 
@@ -91,6 +97,10 @@ class ConcatConditioning(ConditioningMethod):
         self.map_size = map_size
         self.to_map = None if self.spatial else nn.Linear(cond_dim, map_channels * map_size * map_size)
 
+    @property
+    def reads(self) -> set[str]:
+        return super().reads | {"spatial" if self.spatial else "pooled"}
+
     def prepare_input(self, x: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         b, _, h, w = x.shape
         if condition is None:  # unconditional: a zero map (present = 0) keeps the input width fixed
@@ -125,6 +135,10 @@ class CrossAttnConditioning(ConditioningMethod):
     def __init__(self, cond_dim: int, emb_dim: int, heads: int = 4):
         super().__init__(cond_dim, emb_dim)
         self.heads = heads
+
+    @property
+    def reads(self) -> set[str]:
+        return {"tokens"}
 
     def make_block(self, channels: int, resolution: int, attention: bool = False, groups: int = 8):
         if not attention:

@@ -52,5 +52,11 @@ class CombinedEncoder(nn.Module):
             parts[name] = encoder(inputs[encoder.input_key], force_drop=drop)
         return Conditions(parts)
 
+    def read_by(self, method) -> None:
+        """Tell each source which parts of its condition its own method reads (`CombinedConditioning.methods`)."""
+        for name, encoder in self.sources.items():
+            if hasattr(encoder, "read_by"):
+                encoder.read_by(method.methods[name])
+
     def null(self, batch_size: int, device: torch.device | str | None = None) -> Conditions:
         return Conditions({name: encoder.null(batch_size, device) for name, encoder in self.sources.items()})

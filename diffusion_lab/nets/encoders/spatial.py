@@ -47,9 +47,19 @@ class SpatialEncoder(nn.Module):
             nn.Conv2d(dim // 2, dim, patch_size, stride=patch_size),
         )
         self.position = nn.Parameter(torch.randn((image_size // patch_size) ** 2, dim) * 0.02)
+        # An empty buffer that follows .to(device), for an encoder with no parameters left (see read_by).
+        self.register_buffer("_device", torch.empty(0), persistent=False)
+
+    def read_by(self, method) -> None:
+        """Keep the patch tokens only if the conditioning `method` reads tokens or their mean (its `reads`):
+        concat reads the map alone, and weights that never get a gradient stop DDP (its reducer waits for
+        every parameter's gradient)."""
+        if not method.reads & {"tokens", "pooled"}:
+            del self.patches, self.position
+            self.patches = self.position = None
 
     def forward(self, maps: torch.Tensor, force_drop: torch.Tensor | None = None) -> Condition:
-        device = self.position.device
+        device = self.present_device
         maps = torch.as_tensor(maps, device=device).float()
         expected = (self.channels, self.image_size, self.image_size)
         if maps.ndim != 4 or tuple(maps.shape[1:]) != expected:
@@ -62,11 +72,19 @@ class SpatialEncoder(nn.Module):
         drop = drop_mask(len(maps), self.drop_prob, self.training, force_drop, device)
         if drop is not None:
             spatial = spatial.masked_fill(drop[:, None, None, None], 0.0)
-        tokens = self.patches(spatial).flatten(2).transpose(1, 2) + self.position  # (B, L, dim)
+        if self.patches is None:  # read as a map only: one empty token, so the Condition keeps its shape
+            tokens = spatial.new_zeros(len(maps), 1, self.dim)
+        else:
+            tokens = self.patches(spatial).flatten(2).transpose(1, 2) + self.position  # (B, L, dim)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
         return Condition(tokens=tokens, mask=mask, pooled=tokens.mean(1), spatial=spatial)
 
     def null(self, batch_size: int, device: torch.device | str | None = None) -> Condition:
         empty = torch.zeros(batch_size, self.channels, self.image_size, self.image_size)
         drop = torch.ones(batch_size, dtype=torch.bool)
-        return self(empty, force_drop=drop.to(self.position.device))
+        return self(empty, force_drop=drop.to(self.present_device))
+
+    @property
+    def present_device(self) -> torch.device:
+        """Where this encoder lives (a buffer-free encoder whose tokens were dropped still has a device)."""
+        return self._device.device

@@ -94,3 +94,29 @@ def test_every_method_trains_a_step_on_every_spatial_source(compose_cfg, source,
     before = [p.detach().clone() for p in module.parameters()]
     optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("conditioning", "tokens"),
+    [
+        ("concat", False),
+        ("concat_embed", True),
+        ("cross_attn", True),
+        ("adaln", True),
+        ("sketch_text", False),
+    ],
+)
+def test_the_encoder_keeps_patch_tokens_only_for_a_method_that_reads_them(compose_cfg, conditioning, tokens):
+    """Plain concat reads the map alone: token weights it never reads would get no gradient and stop DDP."""
+    condition = "sketch_text" if conditioning == "sketch_text" else "sketch"
+    module = build_module(
+        compose_cfg(f"condition={condition}", f"conditioning={conditioning}", "model=unet_tiny")
+    )
+    sketch = module.encoder.sources["sketch"] if condition == "sketch_text" else module.encoder
+    assert (sketch.patches is not None) == tokens
+    module.train()
+    inputs = {"sketch": torch.rand(2, 1, 28, 28), "caption": ["a thin one", "a wide two"]}
+    loss = module.diffusion_loss({"image": torch.zeros(2, 1, 28, 28), **inputs})
+    loss.backward()
+    unused = [name for name, p in module.named_parameters() if p.grad is None]
+    assert unused == []  # every parameter gets a gradient, as DDP requires

@@ -1,4 +1,5 @@
-"""FID / KID / conditional accuracy of EMA samples during validation, logged as curves."""
+"""FID / KID / conditional accuracy (and each spatial condition's fidelity) of EMA samples during
+validation, logged as curves."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.validation_sampling import sampling_due
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import generate_batched, resolve_sampler
+from diffusion_lab.inference import generate_batched, resolve_sampler, spatial_encoders
 from diffusion_lab.metrics.fid import MNISTEvaluator
+from diffusion_lab.metrics.targets import Targets, targets_for
 
 
 class GenerativeMetrics(L.Callback):
-    """Every `every_n_epochs`, sample `n` balanced labels and log `val/fid`, `val/kid`, `val/accuracy`.
+    """Every `every_n_epochs`, sample `n` balanced labels (or, for a spatial model, the maps of `n`
+    held-out test digits, as `dlab-eval` does) and log `val/fid`, `val/kid`, `val/accuracy`, and each
+    spatial condition's fidelity score (e.g. `val/stroke_f1`, `val/lowres_psnr`).
 
     Needs the cached evaluator (`dlab-train-evaluator`); a missing one fails at setup, before training.
     Only rank zero samples and scores (FID is not additive over ranks).
@@ -33,12 +37,13 @@ class GenerativeMetrics(L.Callback):
         self.n, self.every_n_epochs, self.guidance_scale = n, every_n_epochs, guidance_scale
         self.num_steps, self.batch_size, self.seed = num_steps, batch_size, seed
         self.evaluator: MNISTEvaluator | None = None
+        self.targets: Targets | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if pl_module.encoder.input_key != "label":
+        if pl_module.encoder.input_key != "label" and not spatial_encoders(pl_module.encoder):
             raise ConfigError(
-                "callbacks=with_metrics scores class-conditional models; for a caption model use the "
-                "default callbacks and measure it afterwards with dlab-eval (caption fidelity)"
+                "callbacks=with_metrics scores class-conditional and spatial models; for a caption model use "
+                "the default callbacks and measure it afterwards with dlab-eval (caption fidelity)"
             )
         if trainer.is_global_zero and self.evaluator is None:
             self.evaluator = MNISTEvaluator.from_cache(self.cache_dir, self.data_dir)
@@ -57,9 +62,12 @@ class GenerativeMetrics(L.Callback):
     @rank_zero_only
     def _score(self, pl_module) -> dict:
         sampler = resolve_sampler(pl_module, None, self.num_steps)  # the run's own, with fewer steps
-        labels = pl_module.encoder.default_inputs(self.n)
+        if self.targets is None:  # the same targets at every validation, so the curves compare
+            self.targets = targets_for(pl_module, self.n, data_dir=self.data_dir, seed=self.seed)
         images = generate_batched(
-            pl_module, labels, self.guidance_scale, sampler, self.batch_size, self.seed, progress=False
-        )
-        result = self.evaluator.evaluate(images, labels)
-        return {key: result[key] for key in ("fid", "kid_mean", "accuracy", "fid_real_floor")}
+            pl_module, self.targets.inputs, self.guidance_scale, sampler, self.batch_size, self.seed,
+            progress=False,
+        )  # fmt: skip
+        result = self.evaluator.evaluate(images, self.targets.digits)
+        scores = {key: result[key] for key in ("fid", "kid_mean", "accuracy", "fid_real_floor")}
+        return scores | self.targets.fidelity(images)

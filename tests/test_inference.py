@@ -94,7 +94,9 @@ class NoiseModule:
     def __init__(self, run_config: dict | None = None):
         self.run_config = run_config
 
-    def generate(self, inputs, guidance_scale, sampler, generator, guidance_interval=None):
+    def generate(
+        self, inputs, guidance_scale, sampler, generator, guidance_interval=None, guidance_form="nested"
+    ):
         return torch.rand(len(inputs), 1, 4, 4, generator=generator) * 2 - 1  # (B, 1, 4, 4) in [-1, 1]
 
 

@@ -95,12 +95,12 @@ def guidance_for(module, asked: list[float] | None) -> tuple[list[float], str]:
     in conf/train.yaml and conf/experiment/*.yaml), else DEFAULT_GUIDANCE. Also the words that say so,
     for the line that names the checkpoint."""
     if asked is not None:
-        return asked, "guidance " + "; ".join(scale_words(s) for s in asked)
+        return asked, "guidance " + scales_words(asked)
     own = (module.run_config or {}).get("guidance")
     if own is None:
         return [DEFAULT_GUIDANCE], f"guidance {DEFAULT_GUIDANCE:g} (the default: the run names no scale)"
     scales = checks.guidance_scales({"guidance": own})
-    return scales, "guidance " + "; ".join(scale_words(s) for s in scales) + " (the run's own)"
+    return scales, "guidance " + scales_words(scales) + " (the run's own)"
 
 
 def conditions(
@@ -209,6 +209,11 @@ def condition_preview(encoder, inputs, channels: int) -> torch.Tensor | None:
     else:  # lowres is an image; inpaint's first channels are the masked image (its last, the mask)
         picture = maps[:, :channels] if source == "inpaint" else maps
     return picture.expand(-1, channels, -1, -1) if picture.shape[1] == 1 else picture
+
+
+def scales_words(scales: list) -> str:
+    """Several scales: `1, 3`, or `sketch 1, text 3; sketch 2, text 3` for per-condition ones."""
+    return ("; " if isinstance(scales[0], dict) else ", ").join(scale_words(s) for s in scales)
 
 
 def batch_seed(seed: int, k: int) -> int:

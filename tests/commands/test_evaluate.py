@@ -52,20 +52,15 @@ def test_dlab_eval_writes_every_key_and_both_plots(tiny_run, cache_dir, tmp_path
         assert "eval/fid@g2.0" in next(csv.DictReader(file))
 
 
-@pytest.mark.parametrize("condition", ["class", "sketch"])
-def test_validation_fid_is_logged(compose_cfg, cache_dir, condition):
-    """A spatial model is scored on held-out digits' maps, with the condition's fidelity beside FID."""
+def test_validation_fid_is_logged(compose_cfg, cache_dir):
     cfg = compose_cfg(
-        "debug=tiny", f"condition={condition}", "callbacks=with_metrics", f"paths.cache_dir={cache_dir}",
+        "debug=tiny", "callbacks=with_metrics", f"paths.cache_dir={cache_dir}",
         "callbacks.generative_metrics.n=256", "callbacks.generative_metrics.num_steps=2",
     )  # fmt: skip
     metrics, _ = train(cfg)
     assert metrics["val/fid"] > metrics["val/fid_real_floor"] > 0
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
     assert torch.isfinite(torch.tensor(metrics["val/kid_mean"]))
-    assert ("val/stroke_f1" in metrics) == (condition == "sketch")
-    if condition == "sketch":  # an untrained model's samples are far from their sketches
-        assert 0.0 <= metrics["val/stroke_f1"] < 0.5
 
 
 def test_validation_fid_without_evaluator_fails_before_training(compose_cfg, tmp_path):

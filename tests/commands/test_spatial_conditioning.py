@@ -1,6 +1,6 @@
 """Spatial and combined conditions through the commands: a sketch + caption model trained by the installed
-`dlab-train`, sampled by the installed `dlab-sample` with sketch= files and a scale per condition; the
-wrong inputs each stop with one clear error before any sampling."""
+`dlab-train`, sampled by the installed `dlab-sample` with sketch= files and a scale per condition, and
+drawn by `dlab-viz`'s trajectory; the wrong inputs each stop with one clear error before any sampling."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from diffusion_lab.inference import conditions
 from diffusion_lab.sample import read_maps
 from diffusion_lab.utils.images import to_model_range
 from diffusion_lab.utils.instantiate import build_module
+from diffusion_lab.viz import plot_trajectory
 from tests.conftest import DATA_DIR, once_per_session, run_cli
 
 
@@ -110,12 +111,17 @@ def test_conditions_from_derives_the_maps_of_real_images(sketch_model, tmp_path)
     assert torch.equal(real, to_model_range(images[:3]))
 
 
-def test_trajectory_shows_each_sketch_above_its_sample(sketch_text_run, tmp_path):
+def test_trajectory_shows_each_sketch_above_its_sample(sketch_text_run, compose_cfg, tmp_path):
+    """plot_trajectory on a sketch + caption model (the installed dlab-viz trajectory is run in test_viz)."""
     write_sketches(tmp_path / "sketches", count=3)
-    args = [f"ckpt_path={sketch_text_run}", "sketch=sketches", "prompts=[a thin one]", "steps=2", "out=viz"]
-    result = run_cli("dlab-viz", "plot=trajectory", *args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with Image.open(tmp_path / "viz" / "trajectory.gif") as gif:
+    keys = [
+        f"ckpt_path={sketch_text_run}",
+        f"sketch={tmp_path / 'sketches'}",
+        "prompts=[a thin one]",
+        "steps=2",
+    ]
+    plot_trajectory(compose_cfg("plot=trajectory", *keys, config_name="viz"))
+    with Image.open(tmp_path / "trajectory.gif") as gif:
         assert gif.size == (3 * (3 * 30 + 2), 3 * (3 * 30 + 2))  # 3 columns; rows: sketch, x_t, x̂₀
         first = np.asarray(gif.convert("L"))[3 * 2 : 3 * 30, 3 * 2 : 3 * 30]  # the first sketch, 3x upscaled
     sketch = np.asarray(Image.open(tmp_path / "sketches" / "0.png"))

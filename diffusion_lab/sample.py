@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.condition import cycle, take_rows
+from diffusion_lab.data import spatial
 from diffusion_lab.data.condition_files import conditions_from, read_condition
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.inference import (
@@ -56,7 +57,6 @@ def preview_rows(inputs: list, scales: int) -> list[list[int]]:
     return [[b * n + i for b in range(scales) for i in where[c][:columns]] for c in distinct]
 
 
-SPATIAL_KEYS = ("sketch", "semantic", "lowres", "inpaint")
 RECORDED_AS = {"label": "labels", "caption": "prompts"}  # npz names of a combined model's inputs
 
 
@@ -109,7 +109,7 @@ def read_maps(cfg: DictConfig, module) -> tuple[dict[str, torch.Tensor], torch.T
     if cfg.get("mask") is not None and cfg.get("inpaint") is None:
         raise ConfigError("mask= is the inpainting mask; it goes with inpaint=<png or folder>")
     maps = {}
-    for key in SPATIAL_KEYS:
+    for key in spatial.SOURCES:  # sketch=, semantic=, lowres=, inpaint=
         if cfg.get(key) is not None:
             options = encoders[key].transform if key in encoders else {}
             mask = cfg.get("mask") if key == "inpaint" else None

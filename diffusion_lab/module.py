@@ -156,13 +156,21 @@ class DiffusionModule(L.LightningModule):
         return_intermediates: bool = False,
         progress: bool = False,
         guidance_form: str = "nested",
+        guidance_model: DiffusionModule | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ):
         """Sample one image per label, caption or map (or per row of a {input key: values} mapping for a model
-        with several conditions; a source left out is null) in [-1, 1], with classifier-free guidance."""
+        with several conditions; a source left out is null) in [-1, 1], with classifier-free guidance, or
+        with autoguidance against `guidance_model` (a weaker model of the same task, given the same inputs).
+        `on_step(i, x̂₀)`: called after each sampling step (`sampling.sample`)."""
         was_training = self.encoder.training
         self.encoder.eval()  # never drop the condition while sampling
         try:
             condition = self.encoder(_on(self.device, inputs))
+            weak_model = None
+            if guidance_model is not None:
+                weak_condition = guidance_model.encoder.eval()(_on(self.device, inputs))
+                weak_model = lambda x, t: guidance_model.net(x, t, weak_condition)  # noqa: E731
             n = condition.batch_size
             null = self.encoder.null(n, self.device)
             image_shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
@@ -179,6 +187,8 @@ class DiffusionModule(L.LightningModule):
                 return_intermediates=return_intermediates,
                 progress=progress,
                 guidance_form=guidance_form,
+                weak_model=weak_model,
+                on_step=on_step,
             )
         finally:
             self.encoder.train(was_training)

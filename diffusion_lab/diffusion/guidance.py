@@ -12,7 +12,7 @@ which is linear in x̂₀ and ε̂ for every prediction type.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -56,10 +56,16 @@ def guidance_terms(
 
 
 def guided_model(
-    model, condition, null_condition, scale: float | Mapping[str, float], batch: int, form="nested"
+    model,
+    condition,
+    null_condition,
+    scale: float | Mapping[str, float],
+    batch: int,
+    form="nested",
+    weak_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ):
     """`predict(x, t_batch, guide)`: the model's output, guided where `guide` is true (else the conditional
-    pass alone).
+    pass alone). With `weak_model` it is autoguidance instead of CFG (`autoguided_model`).
 
     One scale s = 1 is the conditional model alone (null pass skipped), s = 0 the unconditional one
     (conditional pass skipped); every other case runs all its passes as one forward on the stacked batch.
@@ -67,6 +73,8 @@ def guided_model(
     every step is the plain `model(x, t_batch, condition)`.
     """
     single = not isinstance(scale, Mapping)
+    if weak_model is not None:
+        return autoguided_model(model, condition, weak_model, scale)
     if condition is None or null_condition is None or (single and scale == 1.0):
         return lambda x, t_batch, guide: model(x, t_batch, condition)
     if null_condition.batch_size == 1 and batch > 1:
@@ -84,5 +92,31 @@ def guided_model(
         for s, i, j in terms:
             guided = guided + s * (outs[i] - outs[j])
         return guided
+
+    return predict
+
+
+def autoguided_model(model, condition, weak_model, scale: float | Mapping[str, float]):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    D₀ + s·(D₁ − D₀), with D₁ the model and D₀ = `weak_model(x, t_batch)` a weaker model of the same task
+    (an earlier checkpoint, a smaller net) on the same condition.
+
+    The scale is written as CFG's, so s = 1 is the model alone and a sweep reads the same on both axes; the
+    paper's w is this s, and "D₁ + s′·(D₁ − D₀)" is s′ = s − 1. Like CFG it is applied to the raw outputs,
+    which is exact when both models share the schedule and prediction type (the caller checks that).
+    """
+    if isinstance(scale, Mapping):
+        raise ConfigError(
+            f"guidance={dict(scale)}: autoguidance (guidance_model=) takes one scale for the whole condition, "
+            "e.g. guidance=2"
+        )
+    s = float(scale)
+
+    def predict(x: torch.Tensor, t_batch: torch.Tensor, guide: bool) -> torch.Tensor:
+        strong = model(x, t_batch, condition)
+        if not guide or s == 1.0:
+            return strong
+        weak = weak_model(x, t_batch)
+        return weak + s * (strong - weak)
 
     return predict

@@ -7,7 +7,7 @@ prediction type is guided the same way; a guidance interval limits it to a band 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +37,8 @@ def sample(
     return_intermediates: bool = False,
     progress: bool = False,
     guidance_form: str = "nested",
+    weak_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Run `sampler` from x_T ~ N(0, I) of `shape`, calling `model(x, t_batch, condition) -> output`.
 
@@ -47,22 +49,31 @@ def sample(
     diversity, at low noise it does little); the other steps use s = 1, one pass on the conditional
     batch. None guides every step.
 
+    `weak_model(x, t_batch)`: guide by autoguidance against this weaker model instead of the null condition
+    (guidance.autoguided_model). `on_step(i, x̂₀)` is called after step i with that step's x̂₀ (a live
+    preview); an exception it raises stops the sampling there.
+
     Returns the samples, or (samples, {"x_t": inputs of each step, "x0": x̂₀ of each step}) on CPU.
     """
-    if null_condition is None and condition is not None and guidance_scale not in (1, 1.0):
+    unguidable = null_condition is None and weak_model is None
+    if unguidable and condition is not None and guidance_scale not in (1, 1.0):
         raise ValueError("guidance_scale != 1 needs a null_condition for the unconditional pass")
     x = torch.randn(tuple(shape), generator=generator).to(device)
-    predict = guided_model(model, condition, null_condition, guidance_scale, x.shape[0], guidance_form)
+    predict = guided_model(
+        model, condition, null_condition, guidance_scale, x.shape[0], guidance_form, weak_model
+    )
     sampler.reset()
     intermediates = {"x_t": [], "x0": []}
     timesteps = sampler.timesteps.tolist()
-    for t in tqdm(timesteps, desc="sampling") if progress else timesteps:
+    for i, t in enumerate(tqdm(timesteps, desc="sampling") if progress else timesteps):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
         guide = _in_interval(noise_level(sampler.alphas_cumprod[t]), guidance_interval)
         step = sampler.step(predict(x, t_batch, guide), t, x, generator=generator)
         if return_intermediates:
             intermediates["x_t"].append(x.cpu())
             intermediates["x0"].append(step.pred_x0.cpu())
+        if on_step is not None:
+            on_step(i, step.pred_x0)
         x = step.prev_sample
     return (x, intermediates) if return_intermediates else x
 

@@ -10,7 +10,6 @@ module); this file only supplies the feature module, caches the real features, a
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.classifier import MNISTClassifier, evaluator_dir, load_classifier
+from diffusion_lab.metrics.provenance import digest
 from diffusion_lab.utils.images import to_uint8
 
 REAL_FEATURES_NAME = "real_features_{dataset}_test.pt"
@@ -58,13 +58,6 @@ class ClassifierFeatures(nn.Module):
         return torch.cat([self.classifier.features(b) for b in x.split(self.batch_size)])
 
 
-def _fingerprint(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 class MNISTEvaluator:
     """Scores generated digits against a real reference set (normally the MNIST test split).
 
@@ -87,6 +80,8 @@ class MNISTEvaluator:
     rank-deficient and FID is meaningless. KID uses subsets of size min(N, 1000).
     Real features are computed once and, with `cache_path`, stored on disk keyed by a hash of the
     classifier weights and the real images, so later evaluators start instantly.
+    `reference` names the reference set (e.g. {"name": "mnist", "split": "test"}); `self.reference` adds its
+    size, a sha256 of its uint8 images and what the floor is measured against (metrics/provenance.py).
     """
 
     def __init__(
@@ -98,6 +93,7 @@ class MNISTEvaluator:
         cache_path: str | Path | None = None,
         kid_subsets: int = 100,
         seed: int = 0,
+        reference: dict | None = None,
     ):
         self.extractor = ClassifierFeatures(classifier)
         self.classifier = self.extractor.classifier
@@ -109,6 +105,16 @@ class MNISTEvaluator:
         features = self._features(images, cache_path)
         self.real_features = features["real"]  # (M, D)
         self.holdout_features = features.get("holdout")  # (H, D) or None
+        # What the scores are measured against (`reference`, e.g. {"name": "mnist", "split": "test"}, with
+        # the size and a hash of the images added): recorded beside every score (metrics/provenance.py).
+        held = images.get("holdout")
+        self.reference = {
+            **(reference or {"name": "custom"}),
+            "size": len(images["real"]),
+            "sha256": digest([images["real"]]),
+            "floor_against": "reference halves" if held is None else "holdout",
+            "holdout_size": None if held is None else len(held),
+        }
         predicted = self.classifier.head(self.real_features).argmax(1)
         self.accuracy_real = (predicted == torch.as_tensor(real_labels)).float().mean().item()
         self.fid_metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False)
@@ -123,10 +129,15 @@ class MNISTEvaluator:
         train_images, _ = load_split(data_dir, train=True, dataset="mnist")
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:holdout]
         path = evaluator_dir(cache_dir) / REAL_FEATURES_NAME.format(dataset="mnist")
-        return cls(load_classifier(cache_dir), images, labels, train_images[pick], cache_path=path, **kwargs)
+        reference = {"name": "mnist", "split": "test", "holdout_split": "train", "holdout_seed": 0}
+        return cls(
+            load_classifier(cache_dir), images, labels, train_images[pick], cache_path=path, reference=reference,
+            **kwargs,
+        )  # fmt: skip
 
     def _features(self, images: dict[str, torch.Tensor], cache_path: str | Path | None) -> dict:
-        key = _fingerprint(*self.classifier.state_dict().values(), *images.values())
+        # sha1 of the bytes alone: the key real-feature caches were written with
+        key = digest([*self.classifier.state_dict().values(), *images.values()], "sha1")
         if cache_path is not None and Path(cache_path).is_file():
             cached = torch.load(cache_path, map_location="cpu", weights_only=True)
             if cached.get("fingerprint") == key:

@@ -15,21 +15,26 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.diffusion.guidance import FORMS
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.inference import generate_batched, load_module, pick_device, resolve_sampler
+from diffusion_lab.eval_plots import line_panels, plot_heatmaps, save_figure
+from diffusion_lab.inference import (
+    generate_batched,
+    load_guidance_model,
+    load_module,
+    pick_device,
+    resolve_sampler,
+)
 from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
 from diffusion_lab.metrics.spatial_fidelity import SCORES
 from diffusion_lab.metrics.targets import Targets, targets_for
 from diffusion_lab.nets.encoders import CombinedEncoder
 from diffusion_lab.utils import checks
-from diffusion_lab.utils.plots import plt
 
 log = logging.getLogger("diffusion_lab")
 
@@ -53,13 +58,14 @@ def guidance_key(scale: float | dict[str, float]) -> str:
     return str(scale)
 
 
-def score(evaluator, module, sampler, targets: Targets, guidance, cfg: DictConfig) -> dict:
+def score(evaluator, module, sampler, targets: Targets, guidance, cfg: DictConfig, weak=None) -> dict:
     """FID / KID / digit accuracy of samples for `targets`, plus caption fidelity for a caption model and
-    the mean fidelity to each spatial condition (`spatial_fidelity.SCORES`) for a spatial one."""
+    the mean fidelity to each spatial condition (`spatial_fidelity.SCORES`) for a spatial one. `weak`: the
+    model autoguidance guides against (`guidance_model=`), else classifier-free guidance."""
     interval = checks.guidance_interval(cfg)
     images = generate_batched(
         module, targets.inputs, guidance, sampler, cfg.batch_size, cfg.seed,
-        guidance_interval=interval, guidance_form=cfg.guidance_form,
+        guidance_interval=interval, guidance_form=cfg.guidance_form, guidance_model=weak,
     )  # fmt: skip
     result = evaluator.evaluate(images, targets.digits)
     if targets.attributes:
@@ -67,60 +73,6 @@ def score(evaluator, module, sampler, targets: Targets, guidance, cfg: DictConfi
             images, targets.attributes, train_thresholds(cfg.paths.data_dir)
         )
     return result | targets.fidelity(images)
-
-
-def panels(row: dict) -> tuple:
-    """(figure, {score: axis}): a panel per score a row holds: FID, accuracy, each spatial fidelity."""
-    names = ["fid", "accuracy", *(name for name in SCORES.values() if name in row)]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
-    return fig, dict(zip(names, axes[0], strict=True))
-
-
-def line_panels(series: dict[str, tuple], floors: dict, **axis):
-    """(figure, {score: axis}): a panel per score, a line per `series` label -> (xs, rows), `floors`
-    (score -> real-data value) dashed; `axis` (xlabel, title, ...) set on every panel."""
-    fig, axes = panels(next(iter(series.values()))[1][0])
-    for name, ax in axes.items():
-        for label, (xs, rows) in series.items():
-            ax.plot(xs, [r[name] for r in rows], "o-", label=label)
-        if name in floors:
-            ax.axhline(floors[name], color="grey", ls="--", label="real data")
-        ax.set(ylabel=name, yscale="log" if name == "fid" else "linear", **axis)
-        if name in ("accuracy", "stroke_f1", "region_iou"):  # in [0, 1], unlike FID and the PSNRs
-            ax.set_ylim(0, 1.02)
-    axes["fid"].legend()
-    return fig, axes
-
-
-def plot_heatmaps(scales: list[dict], rows: list[dict], floors: dict, n: int):
-    """A heat-map per score over the grid of two conditions' scales, each cell's value written in it."""
-    across, up = scales[0]
-    xs, ys = (list(dict.fromkeys(s[name] for s in scales)) for name in (across, up))  # in the order given
-    fig, axes = panels(rows[0])
-    for name, ax in axes.items():
-        grid = np.full((len(ys), len(xs)), np.nan)
-        for scale, row in zip(scales, rows, strict=True):
-            grid[ys.index(scale[up]), xs.index(scale[across])] = row[name]
-        ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
-        middle = np.nanmean(grid)
-        for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="k" if value > middle else "w")
-        floor = f", real data {floors[name]:.3g}" if name in floors else ""
-        ax.set(title=f"{name} (N = {n}{floor})", xlabel=f"{across} guidance", ylabel=f"{up} guidance",
-               xticks=range(len(xs)), xticklabels=[f"{x:g}" for x in xs],
-               yticks=range(len(ys)), yticklabels=[f"{y:g}" for y in ys])  # fmt: skip
-    return fig
-
-
-def save_figure(fig, path: Path, loggers) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    for logger in loggers:  # image loggers get the plot too; CSV keeps the numbers
-        if hasattr(logger, "log_image"):
-            logger.log_image(f"eval/{path.stem}", images=[str(path)])
-        elif hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure(f"eval/{path.stem}", fig, close=False)
-    plt.close(fig)  # after the loggers: TensorBoard renders the figure itself
 
 
 def enough_for_fid(cfg: DictConfig, key: str) -> None:
@@ -186,7 +138,7 @@ def sampler_factories(cfg: DictConfig) -> tuple:
     return own, {name: instantiate(cfg.samplers[name]) for name in cfg.steps_sweep.samplers}
 
 
-def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets) -> dict:
+def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets, weak=None) -> dict:
     """The results' `sampler`, `guidance_interval`, `guidance_form`, `guidance` (a row per scale or grid
     point, keyed by `guidance_key`), `fid_real_floor` and, for spatial conditions, `fidelity_real_floor`."""
     results = {"sampler": {"name": type(sampler).__name__, "steps": sampler.num_steps}}
@@ -197,7 +149,7 @@ def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets
     results["guidance"] = {}
     for scale in sweep_scales(cfg):  # floats, so guidance=[1] and [1.0] give the same keys
         key = guidance_key(scale)
-        results["guidance"][key] = row = score(evaluator, module, sampler, targets, scale, cfg)
+        results["guidance"][key] = row = score(evaluator, module, sampler, targets, scale, cfg, weak)
         shown = ("fid", "accuracy", "fid_real_floor", "attribute_agreement", *SCORES.values())
         log.info("guidance %s: %s", key, {k: v for k, v in row.items() if k in shown})
     results["fid_real_floor"] = next(iter(results["guidance"].values()))["fid_real_floor"]
@@ -206,13 +158,13 @@ def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets
     return results
 
 
-def steps_sweep(cfg: DictConfig, evaluator, module, samplers: dict, targets: Targets) -> dict:
+def steps_sweep(cfg: DictConfig, evaluator, module, samplers: dict, targets: Targets, weak=None) -> dict:
     """{sampler name: {steps: row}} at `steps_sweep.guidance`; `samplers` holds each name's sampler per
     step count."""
     sweep = cfg.steps_sweep
     (scale,) = checks.guidance_scales(sweep, "guidance")
     return {
-        name: {str(s): score(evaluator, module, by_steps[s], targets, scale, cfg) for s in sweep.steps}
+        name: {str(s): score(evaluator, module, by_steps[s], targets, scale, cfg, weak) for s in sweep.steps}
         for name, by_steps in samplers.items()
     }
 
@@ -264,6 +216,9 @@ def run(cfg: DictConfig) -> dict:
     evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
     module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
     check_guidance_names(module, cfg)
+    weak = None
+    if cfg.get("guidance_model") is not None:  # autoguidance against a weaker model instead of the null
+        weak, weak_path = load_guidance_model(cfg.guidance_model, module, path, device, cfg.paths.train_runs)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     results = {"checkpoint": str(path), "n": cfg.n, "accuracy_real": evaluator.accuracy_real}
 
@@ -276,8 +231,11 @@ def run(cfg: DictConfig) -> dict:
         name: {s: resolve_sampler(module, factory, s) for s in cfg.steps_sweep.steps}
         for name, factory in sweep_factories.items()
     }
-    results |= guidance_sweep(cfg, evaluator, module, sampler, targets)
-    results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets)
+    results["guidance_kind"] = "cfg" if weak is None else "autoguidance"
+    if weak is not None:
+        results["guidance_model"] = {"checkpoint": str(weak_path), "step": weak.checkpoint_step}
+    results |= guidance_sweep(cfg, evaluator, module, sampler, targets, weak)
+    results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets, weak)
     results["seconds"] = time.perf_counter() - start
 
     (out / "eval.json").write_text(json.dumps(results, indent=2))

@@ -20,7 +20,13 @@ from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.nets.encoders import CombinedEncoder, SpatialEncoder
 from diffusion_lab.utils import checks
-from diffusion_lab.utils.checkpoints import find_checkpoint, picked_line, read_checkpoint
+from diffusion_lab.utils.checkpoints import (
+    find_checkpoint,
+    picked_line,
+    read_checkpoint,
+    run_dir_of,
+    step_checkpoint,
+)
 from diffusion_lab.utils.images import to_uint8
 from diffusion_lab.utils.instantiate import build_sampling_module
 
@@ -75,7 +81,30 @@ def load_module(ckpt_path: str | Path, device: str | torch.device = "cpu", runs_
     module = build_sampling_module(OmegaConf.create(checkpoint["run_config"]))
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["run_config"]
+    module.checkpoint_step = checkpoint.get("global_step")  # where in training it was saved (provenance)
     return module.to(device).eval(), path
+
+
+def load_guidance_model(spec, module, path: Path, device, runs_dir="outputs/train/runs"):
+    """(the weaker model autoguidance guides against, its checkpoint) for `guidance_model=`: a .ckpt, a run
+    folder, or a whole number, the step of the main checkpoint's own run (`path`) to take. Guiding on the raw
+    outputs is exact only when both models share the schedule, prediction type and inputs: checked here."""
+    if checks.is_int(spec):
+        spec = step_checkpoint(run_dir_of(path), int(spec), "guidance_model")
+    weak, weak_path = load_module(spec, device, runs_dir)
+    for key in ("schedule", "prediction"):
+        mine, theirs = (m.run_config.get(key) for m in (module, weak))
+        if mine != theirs:
+            raise ConfigError(
+                f"guidance_model={spec}: its {key} ({theirs}) differs from the model's ({mine}); autoguidance "
+                f"needs the same {key}: pick a checkpoint of a run trained with the same {key}"
+            )
+    if weak.encoder.input_key != module.encoder.input_key:
+        raise ConfigError(
+            f"guidance_model={spec} reads {weak.encoder.input_key!r}, the model {module.encoder.input_key!r}: "
+            "autoguidance needs a weaker model of the same task (an earlier step, a smaller net)"
+        )
+    return weak, weak_path
 
 
 def resolve_sampler(
@@ -234,11 +263,13 @@ def generate_batched(
     progress: bool = True,
     guidance_interval: tuple[float, float] | None = None,
     guidance_form: str = "nested",
+    guidance_model=None,
 ) -> torch.Tensor:
     """uint8 images (N, C, H, W) for `inputs` (labels, prompts, maps, or a {input key: values} mapping of a
     model with several conditions), in batches; batch k is seeded with
     batch_seed(seed, k), so the images do not depend on which command (or callback) asks for them.
-    `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step."""
+    `guidance_interval`: the σ range that is guided (`sample`'s docstring); None guides every step.
+    `guidance_model`: a weaker model to autoguide against (`load_guidance_model`); None: classifier-free."""
     chunks = []
     batches = [take_rows(inputs, i, i + batch_size) for i in range(0, count(inputs), batch_size)]
     if progress:
@@ -247,7 +278,7 @@ def generate_batched(
         generator = torch.Generator().manual_seed(batch_seed(seed, k))
         images = module.generate(
             chunk, guidance_scale=guidance, sampler=sampler, generator=generator,
-            guidance_interval=guidance_interval, guidance_form=guidance_form,
+            guidance_interval=guidance_interval, guidance_form=guidance_form, guidance_model=guidance_model,
         )  # fmt: skip
         chunks.append(to_uint8(images).cpu())
     return torch.cat(chunks)

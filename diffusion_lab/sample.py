@@ -4,7 +4,8 @@ A class model samples `labels` (default: balanced over its classes); a caption m
 `prompts` or the lines of `prompts_file`; a spatial model samples the maps read from `sketch=`,
 `semantic=`, `lowres=` or `inpaint=` + `mask=` files, or derived from real images (`conditions_from=`).
 A model with several conditions takes any of its keys at once (the others are left out), and
-`guidance='{sketch: 1.5, text: 3}'` gives each its own scale. Inputs are cycled to `n` images per guidance
+`guidance='{sketch: 1.5, text: 3}'` gives each its own scale. `guidance_model=<ckpt, run folder or a step of
+this run>` guides against that weaker model instead of the null condition (autoguidance). Inputs are cycled to `n` images per guidance
 scale; without `guidance=` the scale is the one the checkpoint's run names as its best. `samples.npz`
 holds every image and every condition given; `samples.png` previews at most PREVIEW_IMAGES of them.
 """
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from diffusion_lab.cli import hydra_app
-from diffusion_lab.condition import cycle, take_rows
+from diffusion_lab.condition import count, cycle, take_rows
 from diffusion_lab.data import spatial
 from diffusion_lab.data.condition_files import conditions_from, read_condition
 from diffusion_lab.errors import ConfigError
@@ -30,6 +31,7 @@ from diffusion_lab.inference import (
     conditions,
     generate_batched,
     guidance_for,
+    load_guidance_model,
     load_module,
     pick_device,
     resolve_sampler,
@@ -101,6 +103,41 @@ def _text_encoder(encoder):
     return encoder
 
 
+def seen_prompts(encoder, inputs, key: str, scales: int) -> dict[str, np.ndarray]:
+    """`prompts_seen`: what the model reads of each prompt, cut to the encoder's token limit (with a
+    warning), repeated once per guidance scale; nothing for a model without captions."""
+    prompts_read = inputs.get("caption") if key == "conditions" else inputs if key == "prompts" else None
+    if prompts_read is None:
+        return {}
+    return {"prompts_seen": np.asarray(_text_encoder(encoder).seen_text(prompts_read) * scales)}
+
+
+def write_samples(
+    out: Path, encoder, images: torch.Tensor, inputs, key: str, scales: list, interval, form: str, **extra
+) -> torch.Tensor:
+    """`samples.npz` (uint8 images (N, C, H, W) for `inputs` cycled once per scale, what each was given, the
+    scales, the guidance interval, and the `extra` arrays) and its preview `samples.png` in `out`, the files
+    dlab-sample (and dlab-demo's download) write; returns the preview's tiles (rows, columns, C, H, W)."""
+    n = count(inputs)
+    np.savez_compressed(
+        out / "samples.npz",
+        images=images.numpy(),
+        guidance_interval=np.asarray(interval or checks.EVERY_STEP, dtype=np.float32),
+        **recorded_guidance(scales, n, form),
+        **recorded_inputs(inputs, key, len(scales)),
+        **extra,
+    )
+    if key in ("labels", "prompts"):
+        rows = preview_rows(inputs.tolist() if key == "labels" else inputs, len(scales))
+        tiles = images[torch.tensor(rows)]  # (conditions, scales · columns, C, H, W)
+    else:
+        tiles = spatial_preview(encoder, inputs, images, n, len(scales))
+    save_image(
+        to_unit(to_model_range(tiles.flatten(0, 1))), out / "samples.png", nrow=tiles.shape[1], padding=2
+    )
+    return tiles
+
+
 def read_maps(cfg: DictConfig, module) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """({source: maps} from the sketch=/semantic=/lowres=/inpaint= files or derived from conditions_from=,
     the real images of conditions_from= or None), read the way the model's encoders derive their maps."""
@@ -141,41 +178,26 @@ def run(cfg: DictConfig) -> Path:
     module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
     scales, guidance_words = guidance_for(module, asked)
     log.info("sampling from %s at %s", path, guidance_words)
+    weak, autoguided = None, {}
+    if cfg.get("guidance_model") is not None:  # autoguidance: guided against a weaker model, not the null
+        weak, weak_path = load_guidance_model(cfg.guidance_model, module, path, device, cfg.paths.train_runs)
+        log.info("autoguidance against %s", weak_path)
+        autoguided = {"guidance_model": np.asarray(str(weak_path))}
     maps, real_images = read_maps(cfg, module)
     inputs, key = conditions(module.encoder, labels, prompts, n, checkpoint=path, maps=maps)
     sampler = resolve_sampler(module, factory, steps)
 
-    # What the model reads of each prompt: cut to the encoder's token limit (a warning, before sampling).
-    prompts_read = inputs.get("caption") if key == "conditions" else inputs if key == "prompts" else None
-    seen = (
-        {"prompts_seen": np.asarray(_text_encoder(module.encoder).seen_text(prompts_read) * len(scales))}
-        if prompts_read is not None
-        else {}
-    )
+    extra = seen_prompts(module.encoder, inputs, key, len(scales))  # its warning comes before sampling
     images = torch.cat([
         generate_batched(module, inputs, s, sampler, batch_size, seed, guidance_interval=interval,
-                         guidance_form=form)
+                         guidance_form=form, guidance_model=weak)
         for s in scales
     ])  # fmt: skip
-    records = recorded_inputs(inputs, key, len(scales))
+    extra["guidance_kind"] = np.asarray("autoguidance" if weak is not None else "cfg")
+    extra |= autoguided
     if real_images is not None:  # the images conditions_from= derived the maps from
-        records["condition_images"] = to_uint8(cycle(real_images, n)).repeat(len(scales), 1, 1, 1).numpy()
-    np.savez_compressed(
-        out / "samples.npz",
-        images=images.numpy(),
-        guidance_interval=np.asarray(interval or checks.EVERY_STEP, dtype=np.float32),
-        **recorded_guidance(scales, n, form),
-        **records,
-        **seen,
-    )
-    if key in ("labels", "prompts"):
-        rows = preview_rows(inputs.tolist() if key == "labels" else inputs, len(scales))
-        tiles = images[torch.tensor(rows)]  # (conditions, scales · columns, C, H, W)
-    else:
-        tiles = spatial_preview(module.encoder, inputs, images, n, len(scales))
-    save_image(
-        to_unit(to_model_range(tiles.flatten(0, 1))), out / "samples.png", nrow=tiles.shape[1], padding=2
-    )
+        extra["condition_images"] = to_uint8(cycle(real_images, n)).repeat(len(scales), 1, 1, 1).numpy()
+    tiles = write_samples(out, module.encoder, images, inputs, key, scales, interval, form, **extra)
     kind = {"labels": "class", "prompts": "prompt"}.get(key, "condition (shown first)")
     print(
         f"sampled {len(images)} images from {path}\nwrote {out / 'samples.npz'} ({len(images)} images) and "

@@ -18,6 +18,8 @@ LAYERS = {
         "train",
         "sample",
         "evaluate",
+        "eval_plots",
+        "phema",
         "viz",
         "report",
         "make_captions",

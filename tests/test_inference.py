@@ -12,11 +12,12 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.inference import (
     DEFAULT_GUIDANCE,
     generate_batched,
     guidance_for,
+    load_guidance_model,
     load_module,
     pick_device,
     resolve_sampler,
@@ -84,6 +85,52 @@ def test_a_checkpoint_is_rebuilt_for_sampling_only_with_its_ema_weights(compose_
     assert torch.equal(draw(module), draw(trained))  # the same weights: the same images for one seed
 
 
+def save_run(cfg, folder, steps=(), seed=0) -> None:
+    """A run folder holding checkpoints/step_<k>.ckpt for each k, as ModelCheckpoint names them. The weights
+    are moved off their initialisation (zero-initialised output layers would make every model alike)."""
+    torch.manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn_like(v) if k.startswith("net.") else v
+             for k, v in build_module(cfg).state_dict().items()}  # fmt: skip
+    (folder / "checkpoints").mkdir(parents=True)
+    for step in steps:
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        record = {"run_config": run_config, "state_dict": state, "global_step": step}
+        torch.save(record, folder / "checkpoints" / f"step_{step:07d}.ckpt")
+
+
+def test_autoguidance_takes_a_step_of_the_same_run_and_checks_it_is_the_same_task(compose_cfg, tmp_path):
+    cfg = compose_cfg("debug=tiny")
+    save_run(cfg, tmp_path / "run", steps=(4, 8))
+    module, path = load_module(tmp_path / "run" / "checkpoints" / "step_0000008.ckpt")
+    weak, weak_path = load_guidance_model(4, module, path, "cpu")
+    assert weak_path.name == "step_0000004.ckpt" and weak.checkpoint_step == 4
+    with pytest.raises(CheckpointError, match=r"guidance_model=5: .* no checkpoint at step 5; its steps are 4, 8"):
+        load_guidance_model(5, module, path, "cpu")
+    save_run(compose_cfg("debug=tiny", "schedule=linear"), tmp_path / "other", steps=(4,))
+    with pytest.raises(ConfigError, match="its schedule .* differs from the model's"):
+        load_guidance_model(str(tmp_path / "other"), module, path, "cpu")
+    save_run(compose_cfg("debug=tiny", "prediction=epsilon"), tmp_path / "eps", steps=(4,))
+    with pytest.raises(ConfigError, match="its prediction"):
+        load_guidance_model(str(tmp_path / "eps"), module, path, "cpu")
+
+
+def test_autoguided_generation_differs_from_cfg_and_from_the_model_alone(compose_cfg, tmp_path):
+    cfg = compose_cfg("debug=tiny")
+    save_run(cfg, tmp_path / "a", steps=(8,), seed=0)
+    save_run(cfg, tmp_path / "b", steps=(8,), seed=1)
+    module, _ = load_module(tmp_path / "a")
+    weak, _ = load_module(tmp_path / "b")
+
+    def draw(scale, guidance_model=None):
+        sampler = resolve_sampler(module, None, 3)
+        generator = torch.Generator().manual_seed(0)
+        return module.generate(torch.tensor([3, 7]), scale, sampler, generator, guidance_model=guidance_model)
+
+    assert torch.equal(draw(1.0, weak), draw(1.0))  # s = 1: the model alone, as with CFG
+    assert not torch.allclose(draw(2.0, weak), draw(2.0))  # guided against another model, not the null
+    assert not torch.allclose(draw(2.0, weak), draw(1.0))
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -95,7 +142,8 @@ class NoiseModule:
         self.run_config = run_config
 
     def generate(
-        self, inputs, guidance_scale, sampler, generator, guidance_interval=None, guidance_form="nested"
+        self, inputs, guidance_scale, sampler, generator, guidance_interval=None, guidance_form="nested",
+        guidance_model=None,
     ):
         return torch.rand(len(inputs), 1, 4, 4, generator=generator) * 2 - 1  # (B, 1, 4, 4) in [-1, 1]
 

@@ -58,6 +58,22 @@ def find_checkpoint(spec: str, runs_dir: str | Path) -> Path:
     return path
 
 
+def step_checkpoint(run_dir: Path, step: int, key: str) -> Path:
+    """The checkpoint a run saved at global step `step` (`checkpoints/step_<step>.ckpt`, the name
+    ModelCheckpoint gives it); `key` is the argument that asked, named in the error."""
+    path = run_dir / "checkpoints" / f"step_{step:07d}.ckpt"
+    if not path.is_file():
+        saved = sorted(
+            int(p.stem[5:]) for p in run_dir.glob("checkpoints/step_*.ckpt") if p.stem[5:].isdigit()
+        )
+        raise CheckpointError(
+            f"{key}={step}: {run_dir} saved no checkpoint at step {step}; its steps are "
+            f"{', '.join(map(str, saved)) or 'none'}. Pick one, or pass a .ckpt file or another run folder "
+            "(train with +callbacks.model_checkpoint.every_n_train_steps=<k> to keep earlier steps)."
+        )
+    return path
+
+
 def picked_line(spec: str, path: Path, runs_dir: str | Path) -> str:
     """The line that names the checkpoint `ckpt_path=spec` picked, and for `last` where it searched."""
     if spec == "last":

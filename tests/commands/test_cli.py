@@ -92,18 +92,20 @@ def test_dlab_sample_writes_the_npz_contract(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_dlab_sample_defaults_to_the_guidance_the_run_names(tiny_run, tmp_path):
+def test_dlab_sample_defaults_to_the_guidance_the_run_names_and_records_autoguidance(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["run_config"]["guidance"] == 1.6  # the recipe's (experiment=mnist_cpu), stored
     checkpoint["run_config"]["guidance"] = 1.35  # as experiment=mnist_best would store it
     torch.save(checkpoint, tmp_path / "best.ckpt")
-    args = [f"ckpt_path={tmp_path / 'best.ckpt'}", "n=4", "steps=1", "out=samples"]
+    weak = run_dir / "checkpoints" / "last.ckpt"  # autoguidance against another checkpoint of the task
+    args = [f"ckpt_path={tmp_path / 'best.ckpt'}", "n=4", "steps=1", "out=samples", f"guidance_model={weak}"]
     result = run_cli("dlab-sample", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"sampling from {tmp_path / 'best.ckpt'} at guidance 1.35 (the run's own)" in result.stdout
     with np.load(tmp_path / "samples" / "samples.npz") as data:
         assert data["guidance"].tolist() == [np.float32(1.35)] * 4
+        assert data["guidance_kind"] == "autoguidance" and data["guidance_model"] == str(weak)
 
 
 @pytest.mark.slow

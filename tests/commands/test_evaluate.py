@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffusion_lab import evaluate
+from diffusion_lab import eval_plots, evaluate
 from diffusion_lab.data import spatial
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError
@@ -126,7 +126,7 @@ def test_a_grid_of_two_scales_gives_a_row_per_point_and_a_heat_map_per_score(
     # One scale on a two-condition model guides both jointly.
     assert 0 <= evaluate.score(CountingEvaluator(), module, sampler, targets, 2.0, cfg)["stroke_f1"] <= 1
 
-    fig = evaluate.plot_heatmaps(evaluate.sweep_scales(cfg), list(results["guidance"].values()), {}, 2)
+    fig = eval_plots.plot_heatmaps(evaluate.sweep_scales(cfg), list(results["guidance"].values()), {}, 2)
     fid = fig.axes[0]
     assert [ax.get_title().split()[0] for ax in fig.axes] == ["fid", "accuracy", "stroke_f1"]
     assert (fid.get_xlabel(), fid.get_ylabel()) == ("sketch guidance", "text guidance")

@@ -34,8 +34,13 @@ def line_panels(series: dict[str, tuple], floors: dict, **axis):
     return fig, axes
 
 
-def plot_heatmaps(scales: list[dict], rows: list[dict], floors: dict, n: int):
-    """A heat-map per score over the grid of two conditions' scales, each cell's value written in it."""
+def _tick(value) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def plot_heatmaps(scales: list[dict], rows: list[dict], floors: dict, n: int, suffix: str = " guidance"):
+    """A heat-map per score over a grid of two swept values (two conditions' scales; EMA length × guidance),
+    each cell's value written in it; an axis is labelled by its key and `suffix`."""
     across, up = scales[0]
     xs, ys = (list(dict.fromkeys(s[name] for s in scales)) for name in (across, up))  # in the order given
     fig, axes = panels(rows[0])
@@ -48,9 +53,9 @@ def plot_heatmaps(scales: list[dict], rows: list[dict], floors: dict, n: int):
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="k" if value > middle else "w")
         floor = f", real data {floors[name]:.3g}" if name in floors else ""
-        ax.set(title=f"{name} (N = {n}{floor})", xlabel=f"{across} guidance", ylabel=f"{up} guidance",
-               xticks=range(len(xs)), xticklabels=[f"{x:g}" for x in xs],
-               yticks=range(len(ys)), yticklabels=[f"{y:g}" for y in ys])  # fmt: skip
+        ax.set(title=f"{name} (N = {n}{floor})", xlabel=f"{across}{suffix}", ylabel=f"{up}{suffix}",
+               xticks=range(len(xs)), xticklabels=[_tick(x) for x in xs],
+               yticks=range(len(ys)), yticklabels=[_tick(y) for y in ys])  # fmt: skip
     return fig
 
 

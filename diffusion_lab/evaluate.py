@@ -18,6 +18,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.callbacks.post_hoc_ema import post_hoc_module
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.diffusion.guidance import FORMS
 from diffusion_lab.errors import ConfigError
@@ -35,6 +36,7 @@ from diffusion_lab.metrics.spatial_fidelity import SCORES
 from diffusion_lab.metrics.targets import Targets, targets_for
 from diffusion_lab.nets.encoders import CombinedEncoder
 from diffusion_lab.utils import checks
+from diffusion_lab.utils.post_hoc_ema import sigma_rel_to_gamma
 
 log = logging.getLogger("diffusion_lab")
 
@@ -84,8 +86,22 @@ def enough_for_fid(cfg: DictConfig, key: str) -> None:
         )
 
 
+def ema_lengths(cfg: DictConfig) -> list[float]:
+    """`ema=`: the post-hoc EMA lengths (σ_rel) to sweep with guidance, each in the reachable range; [] when
+    none are asked for."""
+    lengths = [] if cfg.get("ema") is None else checks.as_list(cfg.ema)
+    for length in lengths:
+        if not checks.is_number(length):
+            raise ConfigError(
+                f"ema={lengths}: expected post-hoc EMA lengths (σ_rel, numbers), e.g. ema=[0.05,0.1,0.15]"
+            )
+        sigma_rel_to_gamma(float(length))
+    return [float(length) for length in lengths]
+
+
 def check_arguments(cfg: DictConfig) -> None:
     enough_for_fid(cfg, "n")
+    ema_lengths(cfg)
     sweep_scales(cfg)
     checks.guidance_interval(cfg)
     if cfg.guidance_form not in FORMS:
@@ -158,6 +174,26 @@ def guidance_sweep(cfg: DictConfig, evaluator, module, sampler, targets: Targets
     return results
 
 
+def ema_sweep(cfg: DictConfig, evaluator, sampler, targets: Targets, weak, device) -> dict:
+    """{σ_rel: {guidance key: row}}: the guidance sweep again on the weights post-hoc EMA rebuilds for each
+    length of `ema=` (from the run's snapshots: callbacks/post_hoc_ema.py)."""
+    sweep = {}
+    for sigma_rel in ema_lengths(cfg):
+        module, _ = post_hoc_module(cfg.ckpt_path, sigma_rel, device, cfg.paths.train_runs)
+        sweep[f"{sigma_rel:g}"] = guidance_sweep(cfg, evaluator, module, sampler, targets, weak)["guidance"]
+    return sweep
+
+
+def plot_ema(cfg: DictConfig, results: dict, out: Path, loggers) -> None:
+    """ema.png: a heat-map per score over EMA length (the run's own, then each σ_rel) × guidance."""
+    keys = [guidance_key(s) for s in sweep_scales(cfg)]
+    by_length = {"run's own": results["guidance"], **results["ema"]}
+    grid = [{"guidance": key, "EMA σ_rel": length} for length in by_length for key in keys]
+    rows = [by_length[cell["EMA σ_rel"]][cell["guidance"]] for cell in grid]
+    floors = {"fid": results["fid_real_floor"], **results.get("fidelity_real_floor", {})}
+    save_figure(plot_heatmaps(grid, rows, floors, cfg.n, suffix=""), out / "ema.png", loggers)
+
+
 def steps_sweep(cfg: DictConfig, evaluator, module, samplers: dict, targets: Targets, weak=None) -> dict:
     """{sampler name: {steps: row}} at `steps_sweep.guidance`; `samplers` holds each name's sampler per
     step count."""
@@ -200,6 +236,8 @@ def log_results(results: dict, loggers) -> None:
     for s, r in results["guidance"].items():
         flat |= {f"eval/{k}@g{s}": r[k] for k in ("fid", "kid_mean", "accuracy", *SCORES.values()) if k in r}
         flat |= {f"eval/agreement_{k}@g{s}": v for k, v in r.get("attribute_agreement", {}).items()}
+    for length, by_scale in results.get("ema", {}).items():
+        flat |= {f"eval/{k}@ema{length},g{s}": r[k] for s, r in by_scale.items() for k in ("fid", "accuracy")}
     for logger in loggers:
         logger.log_metrics(flat)
         logger.save()
@@ -236,10 +274,14 @@ def run(cfg: DictConfig) -> dict:
         results["guidance_model"] = {"checkpoint": str(weak_path), "step": weak.checkpoint_step}
     results |= guidance_sweep(cfg, evaluator, module, sampler, targets, weak)
     results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets, weak)
+    if ema_lengths(cfg):
+        results["ema"] = ema_sweep(cfg, evaluator, sampler, targets, weak, device)
     results["seconds"] = time.perf_counter() - start
 
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     plot_results(cfg, results, out, loggers)
+    if "ema" in results:
+        plot_ema(cfg, results, out, loggers)
     log_results(results, loggers)
     log.info("wrote %s (%.0f s)", out / "eval.json", results["seconds"])
     return results

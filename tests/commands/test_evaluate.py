@@ -173,3 +173,31 @@ def test_bad_guidance_form_or_steps_sweep_scale_fail_before_loading(compose_cfg,
     with pytest.raises(ConfigError, match=r"^[^\n]*$") as error:
         evaluate.check_arguments(compose_cfg(override, config_name="eval"))
     assert message in str(error.value)
+
+
+def test_post_hoc_ema_lengths_are_swept_with_guidance_into_rows_and_a_heat_map(
+    compose_cfg, tmp_path, monkeypatch
+):
+    module = build_module(compose_cfg("debug=tiny")).eval()
+    cfg = compose_cfg(
+        "ema=[0.05,0.15]", "guidance=[1,2]", "batch_size=4", "ckpt_path=run", config_name="eval"
+    )
+    rebuilt = []
+
+    def post_hoc_module(ckpt_path, sigma_rel, device, runs_dir):
+        rebuilt.append((ckpt_path, sigma_rel))
+        return module, None
+
+    monkeypatch.setattr(evaluate, "post_hoc_module", post_hoc_module)
+    evaluator, sampler = CountingEvaluator(), resolve_sampler(module, None, 1)
+    targets = Targets(torch.tensor([3, 7]), torch.tensor([3, 7]))
+    results = evaluate.guidance_sweep(cfg, evaluator, module, sampler, targets)
+    results["ema"] = evaluate.ema_sweep(cfg, evaluator, sampler, targets, None, "cpu")
+    assert rebuilt == [("run", 0.05), ("run", 0.15)]  # each length rebuilt from the run asked for
+    assert {k: list(v) for k, v in results["ema"].items()} == {"0.05": ["1.0", "2.0"], "0.15": ["1.0", "2.0"]}
+    assert [row["fid"] for rows in results["ema"].values() for row in rows.values()] == [3, 4, 5, 6]
+
+    evaluate.plot_ema(cfg, results, tmp_path, [])
+    assert (tmp_path / "ema.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match=r"sigma_rel=0.5: post-hoc EMA reaches 0 < sigma_rel < 0.2887"):
+        evaluate.ema_lengths(compose_cfg("ema=[0.1,0.5]", config_name="eval"))

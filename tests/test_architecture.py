@@ -19,6 +19,7 @@ LAYERS = {
         "sample",
         "evaluate",
         "eval_plots",
+        "eval_checks",
         "phema",
         "viz",
         "report",

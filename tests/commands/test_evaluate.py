@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffusion_lab import eval_plots, evaluate
+from diffusion_lab import eval_checks, eval_plots, evaluate
 from diffusion_lab.data import spatial
 from diffusion_lab.data.mnist import load_split
 from diffusion_lab.errors import ConfigError
@@ -126,7 +126,7 @@ def test_a_grid_of_two_scales_gives_a_row_per_point_and_a_heat_map_per_score(
     # One scale on a two-condition model guides both jointly.
     assert 0 <= evaluate.score(CountingEvaluator(), module, sampler, targets, 2.0, cfg)["stroke_f1"] <= 1
 
-    fig = eval_plots.plot_heatmaps(evaluate.sweep_scales(cfg), list(results["guidance"].values()), {}, 2)
+    fig = eval_plots.plot_heatmaps(eval_checks.sweep_scales(cfg), list(results["guidance"].values()), {}, 2)
     fid = fig.axes[0]
     assert [ax.get_title().split()[0] for ax in fig.axes] == ["fid", "accuracy", "stroke_f1"]
     assert (fid.get_xlabel(), fid.get_ylabel()) == ("sketch guidance", "text guidance")
@@ -160,7 +160,7 @@ def test_a_grid_of_two_scales_gives_a_row_per_point_and_a_heat_map_per_score(
 def test_per_condition_guidance_names_conditions_the_model_takes(compose_cfg, encoder, guidance, message):
     cfg = compose_cfg(f"guidance={guidance}", config_name="eval")
     with pytest.raises(ConfigError, match=r"^[^\n]*$") as error:
-        evaluate.check_guidance_names(SimpleNamespace(encoder=encoder), cfg)
+        eval_checks.check_guidance_names(SimpleNamespace(encoder=encoder), cfg)
     assert message in str(error.value)
 
 
@@ -171,7 +171,7 @@ def test_per_condition_guidance_names_conditions_the_model_takes(compose_cfg, en
 )  # fmt: skip
 def test_bad_guidance_form_or_steps_sweep_scale_fail_before_loading(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=r"^[^\n]*$") as error:
-        evaluate.check_arguments(compose_cfg(override, config_name="eval"))
+        eval_checks.check_arguments(compose_cfg(override, config_name="eval"))
     assert message in str(error.value)
 
 
@@ -200,4 +200,4 @@ def test_post_hoc_ema_lengths_are_swept_with_guidance_into_rows_and_a_heat_map(
     evaluate.plot_ema(cfg, results, tmp_path, [])
     assert (tmp_path / "ema.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match=r"sigma_rel=0.5: post-hoc EMA reaches 0 < sigma_rel < 0.2887"):
-        evaluate.ema_lengths(compose_cfg("ema=[0.1,0.5]", config_name="eval"))
+        eval_checks.ema_lengths(compose_cfg("ema=[0.1,0.5]", config_name="eval"))

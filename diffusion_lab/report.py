@@ -14,6 +14,11 @@ A job's status is `ok`, `interrupted` (stopped by a signal after saving `interru
 same command into the same folder resumes it), `failed` (any other error), `nan` (a metric is NaN or
 infinite), or `missing` (no record of an end: never ran, still running, or killed without a trace).
 A job from before status.json existed counts as failed if it left an `error.txt`.
+
+A `dlab-eval -m` sweep (jobs holding eval.json) gives a row per job and guidance key, the scores as columns,
+the provenance that varies (N, sampler, steps, NFE, EMA, guidance kind, ...) as columns and the rest as a
+line under the table (metrics/eval_records.py). Scores by different feature extractors or against
+different reference sets are refused with one line; a score whose N differs from the column's is starred.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from omegaconf import DictConfig
 
 from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.metrics.eval_records import STAR, eval_rows
 from diffusion_lab.utils import checks
 from diffusion_lab.utils.plots import plt
 from diffusion_lab.utils.sweeps import EXAMPLE, Job, load_jobs, summary
@@ -84,6 +90,15 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]) + "\n"
 
 
+def star_scores(jobs: list[Job], rows: list[list[str]], starred: list[bool]) -> list[list[str]]:
+    """`table`'s rows with a star after each metric of a starred row (Markdown only: the CSV keeps numbers)."""
+    first = 3 + len(_ordered_keys(j.overrides for j in jobs))  # job, status, message, overrides, metrics
+    return [
+        [cell + STAR if star and i >= first and cell else cell for i, cell in enumerate(row)]
+        for row, star in zip(rows, starred, strict=True)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------
@@ -139,12 +154,16 @@ def _mean(values: list[float]) -> float:
 
 def write_report(sweep: str | Path, out: str | Path) -> dict:
     """Write report.md, report.csv and plots/*.png into `out`;
-    returns {"markdown", "summary", "md", "csv", "plots", "jobs"}."""
+    returns {"markdown", "summary", "md", "csv", "plots", "jobs": the table's rows}."""
     jobs = load_jobs(sweep)
+    counts, starred, notes = summary(jobs), [False] * len(jobs), []
+    if any(j.evaluation is not None for j in jobs):  # a dlab-eval sweep: a row per job and guidance key
+        evaluated = eval_rows(jobs, sweep)
+        jobs, starred, notes = evaluated.rows, evaluated.starred, evaluated.notes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(jobs)
-    md, counts = markdown(header, rows), summary(jobs)
+    md = markdown(header, star_scores(jobs, rows, starred)) + "".join(f"\n{line}\n" for line in notes)
     (out / "report.md").write_text(f"# Report: {Path(sweep).resolve()}\n\n{md}\n{counts}\n")
     with open(out / "report.csv", "w", newline="") as file:
         csv.writer(file).writerows([header, *rows])

@@ -81,6 +81,7 @@ class Job:
     overrides: dict[str, str]
     metrics: dict | None = None  # None: no metrics.json
     record: dict | None = None  # its status.json (read_status); None: no record of an end
+    evaluation: dict | None = None  # a dlab-eval job's eval.json; None: none
 
     @property
     def status(self) -> str:
@@ -106,14 +107,22 @@ def _read_job(folder: Path, overrides: dict[str, str]) -> Job:
     hydra_overrides = folder / ".hydra" / "overrides.yaml"
     if hydra_overrides.is_file():
         overrides = dict(parse_override(o) for o in yaml.safe_load(hydra_overrides.read_text()) or [])
-    record, metrics, metrics_file = read_status(folder), None, folder / "metrics.json"
-    if metrics_file.is_file():
-        try:  # json reads the NaN / Infinity that json.dump writes for non-finite floats
-            metrics = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as err:  # e.g. a job killed while writing: report it, not crash
-            if (record or {}).get("status") in (None, "ok"):
-                record = {"status": "failed", "message": f"metrics.json is not valid JSON ({err})"}
-    return Job(folder.name, overrides, metrics, record)
+    metrics, record = _read_result(folder / "metrics.json", read_status(folder))
+    evaluation, record = _read_result(folder / "eval.json", record)
+    return Job(folder.name, overrides, metrics, record, evaluation)
+
+
+def _read_result(path: Path, record: dict | None) -> tuple[dict | None, dict | None]:
+    """(what a job's metrics.json or eval.json holds, or None without one; its record, failed when the file
+    is not valid JSON)."""
+    if not path.is_file():
+        return None, record
+    try:  # json reads the NaN / Infinity that json.dump writes for non-finite floats
+        return json.loads(path.read_text()), record
+    except json.JSONDecodeError as err:  # e.g. a job killed while writing: report it, not crash
+        if (record or {}).get("status") in (None, "ok"):
+            record = {"status": "failed", "message": f"{path.name} is not valid JSON ({err})"}
+        return None, record
 
 
 def _grid(sweeper: dict, task: list[str]) -> list[dict[str, str]] | None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.diffusion.edm import EDMPreconditioned, EDMSchedule
+from diffusion_lab.diffusion.edm_samplers import SigmaSampler
 from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.diffusion.sampling import sample
 from diffusion_lab.diffusion.schedules import NoiseSchedule
@@ -47,9 +49,9 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | EDMSchedule,
         encoder: nn.Module,
-        sampler: Callable[..., Sampler],
+        sampler: Callable[..., Sampler | SigmaSampler],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable | None = None,
         prediction_type: str = "epsilon",
@@ -75,6 +77,14 @@ class DiffusionModule(L.LightningModule):
         # module without the user repeating the overrides (set by train()).
         self.run_config: dict | None = None
 
+    def denoiser(self) -> nn.Module:
+        """What the objective and the sampler call as model(x, t, condition): the net, or for
+        prediction_type="edm" the net inside EDM's preconditioning (σ in, D = x̂₀ out). Made per call, not
+        kept as a submodule, so the state_dict holds the net's keys once, as it always has."""
+        if self.hparams.prediction_type == "edm":
+            return EDMPreconditioned(self.net, self.schedule)
+        return self.net
+
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":
             # In place (nn.Module.compile), so state_dict keys and checkpoints stay the same.
@@ -85,14 +95,14 @@ class DiffusionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- objective
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Weighted MSE between the net's output and the target of the configured prediction type."""
+        """Weighted MSE between the model's output and the target of the configured prediction type, at
+        timesteps (or EDM's σ) the schedule draws."""
         x0 = batch["image"]  # (B, C, H, W) in [-1, 1]
         condition = self.encoder(encoder_inputs(self.encoder, batch))
-        b = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=self.device, generator=generator)
+        t = self.schedule.sample_times(x0.shape[0], self.device, generator)
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
         x_t = self.schedule.add_noise(x0, noise, t)
-        prediction = self.net(x_t, t, condition)
+        prediction = self.denoiser()(x_t, t, condition)
         target = self.schedule.target(self.hparams.prediction_type, x0, noise, t)
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         weight = self.schedule.loss_weight(
@@ -170,12 +180,13 @@ class DiffusionModule(L.LightningModule):
             weak_model = None
             if guidance_model is not None:
                 weak_condition = guidance_model.encoder.eval()(_on(self.device, inputs))
-                weak_model = lambda x, t: guidance_model.net(x, t, weak_condition)  # noqa: E731
+                weak_denoiser = guidance_model.denoiser()
+                weak_model = lambda x, t: weak_denoiser(x, t, weak_condition)  # noqa: E731
             n = condition.batch_size
             null = self.encoder.null(n, self.device)
             image_shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
             return sample(
-                self.net,
+                self.denoiser(),
                 sampler or self.sampler,
                 (n, *image_shape),
                 condition=condition,

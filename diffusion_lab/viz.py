@@ -57,14 +57,19 @@ NUM_COLUMNS = 11  # t = 0, T/10, …, T
 
 
 def load_schedules(num_timesteps: int = 1000) -> dict:
-    """{config name: NoiseSchedule} for every conf/schedule/*.yaml, composed and instantiated by Hydra."""
+    """{config name: NoiseSchedule} for every discrete conf/schedule/*.yaml (those with T timesteps; EDM's
+    continuous σ has no t axis to draw on), composed and instantiated by Hydra."""
     # Composing needs a fresh GlobalHydra; inside `dlab-viz` nothing of Hydra's reads it after the task.
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         names = [p.stem for p in (CONF_DIR / "schedule").glob("*.yaml")]
         cfgs = {name: compose(config_name=f"schedule/{name}").schedule for name in names}
     GlobalHydra.instance().clear()
-    schedules = {name: instantiate(cfg, num_timesteps=num_timesteps) for name, cfg in cfgs.items()}
+    schedules = {
+        name: instantiate(cfg, num_timesteps=num_timesteps)
+        for name, cfg in cfgs.items()
+        if "num_timesteps" in cfg
+    }
     kinds = list(BETA_SCHEDULES)  # plain curves first, in the library's order, then their rescaled variants
 
     def order(name):

@@ -34,18 +34,37 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def noise_level(alpha_cumprod: float) -> float:
+    """EDM's σ = √((1 − ᾱ)/ᾱ), the noise level of x_t/√ᾱ (inf at ᾱ = 0): schedule-independent, so a
+    guidance interval given in σ means the same thing under every noise schedule."""
+    return math.inf if alpha_cumprod <= 0 else math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+
+
 class Sampler:
-    """Base class: timestep selection, x̂₀/ε̂ from the model output, optional clipping of x̂₀ to [-1, 1]."""
+    """Base class: timestep selection, x̂₀/ε̂ from the model output, optional clipping of x̂₀ to [-1, 1].
+
+    What `sampling.sample` asks of every sampler (edm_samplers.py answers in σ): the model is given the
+    integer timestep (`time_dtype`), x_T ~ N(0, I) (`init_noise_sigma`), and the guidance interval reads
+    `noise_level(t)`."""
+
+    time_dtype = torch.long
+    init_noise_sigma = 1.0
 
     def __init__(
         self,
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
-        num_steps: int = 50,
+        num_steps: int | None = 50,
         spacing: str = "leading",
         clip_sample: bool = True,
     ):
+        if not isinstance(schedule, NoiseSchedule):
+            raise ConfigError(
+                f"{type(self).__name__} steps through a discrete schedule's timesteps, but the schedule is "
+                f"{type(schedule).__name__}: an EDM model samples with sampler=heun or sampler=dpmpp"
+            )
         check_prediction_type(prediction_type)
+        num_steps = schedule.num_timesteps if num_steps is None else num_steps
         self.prediction_type, self.clip_sample = prediction_type, clip_sample
         self.num_train_timesteps = schedule.num_timesteps
         self.alphas_cumprod = schedule.alphas_cumprod_f64.tolist()  # Python floats (float64)
@@ -91,6 +110,13 @@ class Sampler:
     def reset(self) -> None:
         """Clear state carried between steps (none for one-step samplers)."""
 
+    def model_input(self, x: torch.Tensor, t: int, generator=None) -> tuple[torch.Tensor, int]:
+        """(x, timestep) to call the model with at timestep t: unchanged."""
+        return x, t
+
+    def noise_level(self, t: int) -> float:
+        return noise_level(self.alphas_cumprod[t])
+
     def _alphas(self, t: int) -> tuple[float, float, int]:
         """(ᾱ_t, ᾱ_s, s) for the current timestep t and the next one s (ᾱ_s = 1 after the last step)."""
         t = int(t)
@@ -134,8 +160,7 @@ class DDPMSampler(Sampler):
     ):
         if variance not in ("beta", "posterior"):
             raise ConfigError(f"Unknown variance {variance!r}; options: beta, posterior")
-        self.variance = variance
-        num_steps = schedule.num_timesteps if num_steps is None else num_steps
+        self.variance = variance  # num_steps None: every training timestep (Sampler.__init__)
         super().__init__(schedule, prediction_type, num_steps, spacing, clip_sample)
 
     def step(self, model_output, t, x, generator=None, noise=None) -> StepOutput:

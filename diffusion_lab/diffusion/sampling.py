@@ -2,31 +2,27 @@
 
 Guidance is applied to the raw model output before the sampler sees it, so every sampler and every
 prediction type is guided the same way; a guidance interval limits it to a band of noise levels.
+The loop asks the sampler what differs between the discrete samplers and EDM's σ-space ones: the initial
+noise scale, the x and time the model is given (a timestep, or σ after Heun's churn), and the σ of a step.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from diffusion_lab.condition import Condition, Conditions
+from diffusion_lab.diffusion.edm_samplers import SigmaSampler
 from diffusion_lab.diffusion.guidance import guided_model
 from diffusion_lab.diffusion.samplers import Sampler
-
-
-def noise_level(alpha_cumprod: float) -> float:
-    """EDM's σ = √((1 − ᾱ)/ᾱ), the noise level of x_t/√ᾱ (inf at ᾱ = 0): schedule-independent, so a
-    guidance interval given in σ means the same thing under every noise schedule."""
-    return math.inf if alpha_cumprod <= 0 else math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
 
 
 @torch.no_grad()
 def sample(
     model,
-    sampler: Sampler,
+    sampler: Sampler | SigmaSampler,
     shape,
     condition: Condition | Conditions | None = None,
     null_condition: Condition | Conditions | None = None,
@@ -40,7 +36,8 @@ def sample(
     weak_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ):
-    """Run `sampler` from x_T ~ N(0, I) of `shape`, calling `model(x, t_batch, condition) -> output`.
+    """Run `sampler` from x_T ~ N(0, σ_T² I) of `shape` (σ_T = 1 for a discrete schedule, σ_max for EDM),
+    calling `model(x, t_batch, condition) -> output` (t_batch: the timestep, or σ for EDM).
 
     Classifier-free guidance at scale s, or one scale per named condition in `guidance_form` (see
     diffusion/guidance.py); without `null_condition` no guidance is
@@ -58,7 +55,7 @@ def sample(
     unguidable = null_condition is None and weak_model is None
     if unguidable and condition is not None and guidance_scale not in (1, 1.0):
         raise ValueError("guidance_scale != 1 needs a null_condition for the unconditional pass")
-    x = torch.randn(tuple(shape), generator=generator).to(device)
+    x = sampler.init_noise_sigma * torch.randn(tuple(shape), generator=generator).to(device)
     predict = guided_model(
         model, condition, null_condition, guidance_scale, x.shape[0], guidance_form, weak_model
     )
@@ -66,8 +63,9 @@ def sample(
     intermediates = {"x_t": [], "x0": []}
     timesteps = sampler.timesteps.tolist()
     for i, t in enumerate(tqdm(timesteps, desc="sampling") if progress else timesteps):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        guide = _in_interval(noise_level(sampler.alphas_cumprod[t]), guidance_interval)
+        x, model_t = sampler.model_input(x, t, generator)  # Heun's churn: x̂ at σ̂; else (x, t)
+        t_batch = torch.full((x.shape[0],), model_t, dtype=sampler.time_dtype, device=device)
+        guide = _in_interval(sampler.noise_level(model_t), guidance_interval)
         step = sampler.step(predict(x, t_batch, guide), t, x, generator=generator)
         if return_intermediates:
             intermediates["x_t"].append(x.cpu())

@@ -140,6 +140,8 @@ class NoiseSchedule(nn.Module):
     an ε-predictor cannot recover x₀ at that step (x̂₀ divides by √ᾱ = 0).
     """
 
+    prediction_types = PREDICTION_TYPES  # what it trains (diffusion/edm.py's EDMSchedule trains "edm")
+
     def __init__(
         self, kind: str = "linear", num_timesteps: int = 1000, zero_terminal_snr: bool = False, **beta_kwargs
     ):
@@ -188,6 +190,10 @@ class NoiseSchedule(nn.Module):
         left on another device than the batch)."""
         values = buffer[t.to(buffer.device).long()].to(device=like.device, dtype=like.dtype)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def sample_times(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps, uniform over the T levels: LongTensor (B,)."""
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x₀): √ᾱ_t x₀ + √(1 − ᾱ_t) ε, with t a LongTensor (B,)."""

@@ -153,10 +153,31 @@ def check_cheap_parts(cfg: DictConfig) -> None:
     """Build the schedule, the sampler on it, and the optimizer on one dummy parameter (all instant)."""
     with config_errors("schedule", cfg.schedule):
         schedule = instantiate(cfg.schedule)
+    check_prediction_fits(schedule, cfg.module.prediction_type)
     with config_errors("sampler", cfg.sampler):
         instantiate(cfg.sampler)(schedule=schedule, prediction_type=cfg.module.prediction_type)
     with config_errors("optimizer", cfg.optimizer):
         instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+
+
+def check_prediction_fits(schedule, prediction_type: str) -> None:
+    """schedule=edm and prediction=edm go together: EDM's preconditioning is written in the σ of its own
+    schedule, and its schedule's σ means nothing to an ε, x₀ or v target. An unknown prediction type (or a
+    schedule of the user's that names none) is left to the sampler's constructor."""
+    fits = getattr(schedule, "prediction_types", None)
+    if fits is None or prediction_type in fits:
+        return
+    if prediction_type == "edm":
+        raise ConfigError(
+            f"prediction=edm (module.prediction_type) needs schedule=edm, whose noise level σ its "
+            f"preconditioning reads; the schedule is {type(schedule).__name__}({schedule.extra_repr()}). "
+            "Add schedule=edm, or choose prediction=epsilon, sample or v_prediction"
+        )
+    if "edm" in fits:
+        raise ConfigError(
+            f"schedule=edm needs prediction=edm (EDM's preconditioned denoiser), not module.prediction_type="
+            f"{prediction_type!r}. Add prediction=edm"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ EXTRA = {
     ("data", "captions"): ["condition=text", "data.root=captions/train"],  # read at setup, not here
     ("condition", "sketch_text"): ["conditioning=sketch_text"],
     ("conditioning", "sketch_text"): ["condition=sketch_text"],
+    ("schedule", "edm"): ["prediction=edm"],  # EDM's three keys go together (config_checks)
+    ("prediction", "edm"): ["schedule=edm"],
+    ("sampler", "heun"): ["schedule=edm", "prediction=edm"],
 }
 
 

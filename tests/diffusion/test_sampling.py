@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffusion_lab.condition import Condition
-from diffusion_lab.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
-from diffusion_lab.diffusion.sampling import _in_interval, noise_level, sample
+from diffusion_lab.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, noise_level
+from diffusion_lab.diffusion.sampling import _in_interval, sample
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from tests.diffusion.gaussian import DIM, GaussianModel, N, assert_gaussian, gen, make_condition
 

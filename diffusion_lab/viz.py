@@ -201,9 +201,9 @@ def plot_trajectory(cfg: DictConfig) -> Path:
     ax = fig.add_axes((0, 0, 1, grid.shape[1] / (grid.shape[1] + 0.3 * DPI)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
-    timesteps = [sampler.timesteps[i].item() for i in picks]
+    timesteps = ", ".join(f"{sampler.timesteps[i].item():.3g}" for i in picks)  # EDM's are σ, floats
     shown = "" if picture is None else "the condition, then "
-    fig.suptitle(f"{shown}x_t and x̂₀ at t = {timesteps}, guidance {scale_words(guidance)}", fontsize=8)
+    fig.suptitle(f"{shown}x_t and x̂₀ at t = [{timesteps}], guidance {scale_words(guidance)}", fontsize=8)
     print(f"wrote {gif}")
     return _save(fig, out, "trajectory.png")
 

@@ -162,7 +162,6 @@ def test_a_tiny_edm_model_trains_and_samples_labels_with_guidance(compose_cfg):
         (["schedule=edm"], "schedule=edm needs prediction=edm"),
         (["prediction=edm"], "prediction=edm (module.prediction_type) needs schedule=edm"),
         (["schedule=edm", "prediction=edm", "sampler=ddim"], "sampler=heun or sampler=dpmpp"),
-        (["sampler=heun"], "sampler=heun needs schedule=edm"),
     ],
 )
 def test_mismatched_edm_keys_are_one_config_error_before_training(compose_cfg, overrides, needle):

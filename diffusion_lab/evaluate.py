@@ -29,6 +29,7 @@ from diffusion_lab.inference import (
     pick_device,
     resolve_sampler,
 )
+from diffusion_lab.metrics import provenance as prov
 from diffusion_lab.metrics.attributes import agreement, train_thresholds
 from diffusion_lab.metrics.fid import MNISTEvaluator
 from diffusion_lab.metrics.spatial_fidelity import SCORES
@@ -144,6 +145,31 @@ def plot_results(cfg: DictConfig, results: dict, out: Path, loggers) -> None:
         save_figure(fig, out / "steps.png", loggers)
 
 
+def provenance_of(cfg: DictConfig, evaluator, module, path, sampler, weak=None, weak_path=None) -> dict:
+    """eval.json's `provenance`: what every score here depends on (metrics/provenance.py). NFE counts each
+    row's model evaluations per image: guided steps run two passes (CFG, autoguidance) unless s = 1."""
+    kind = "cfg" if weak is None else "autoguidance"
+    scales = {guidance_key(s): s for s in sweep_scales(cfg)}
+    interval = checks.guidance_interval(cfg)
+    name, steps, times = type(sampler).__name__, sampler.num_steps, sampler.timesteps.tolist()
+    guided = (
+        None if interval is None else sum(interval[0] < sampler.noise_level(t) <= interval[1] for t in times)
+    )
+    nfe = {
+        k: prov.nfe(name, steps, kind, s, calls=len(times), guided_calls=guided) for k, s in scales.items()
+    }
+    return prov.provenance(
+        n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size,
+        extractor=prov.extractor_identity(evaluator),
+        reference=prov.reference_identity(evaluator, cfg.n),
+        sampler=prov.sampler_record(name, steps, nfe),
+        guidance=prov.guidance_record(kind, scales, interval, cfg.guidance_form, model=weak_path,
+                                      model_step=None if weak is None else weak.checkpoint_step),
+        ema=prov.ema_record(module.run_config),
+        checkpoint=prov.checkpoint_record(path, module.checkpoint_step),
+    )  # fmt: skip
+
+
 def log_results(results: dict, loggers) -> None:
     """The guidance sweep's numbers (and the floors) to every logger, one `eval/<score>@g<key>` each."""
     floors = {"fid": results["fid_real_floor"], **results.get("fidelity_real_floor", {})}
@@ -169,7 +195,7 @@ def run(cfg: DictConfig) -> dict:
     evaluator.require(cfg.steps_sweep.n, "steps_sweep.n")
     module, path = load_module(cfg.ckpt_path, device, cfg.paths.train_runs)
     check_guidance_names(module, cfg)
-    weak = None
+    weak = weak_path = None
     if cfg.get("guidance_model") is not None:  # autoguidance against a weaker model instead of the null
         weak, weak_path = load_guidance_model(cfg.guidance_model, module, path, device, cfg.paths.train_runs)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -188,6 +214,7 @@ def run(cfg: DictConfig) -> dict:
     if weak is not None:
         results["guidance_model"] = {"checkpoint": str(weak_path), "step": weak.checkpoint_step}
     results |= guidance_sweep(cfg, evaluator, module, sampler, targets, weak)
+    results["provenance"] = provenance_of(cfg, evaluator, module, path, sampler, weak, weak_path)
     results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets, weak)
     if ema_lengths(cfg):
         results["ema"] = ema_sweep(cfg, evaluator, sampler, targets, weak, device)

@@ -84,9 +84,11 @@ def picked_line(spec: str, path: Path, runs_dir: str | Path) -> str:
 
 
 def run_dir_of(checkpoint: Path) -> Path:
-    """The Hydra run folder a checkpoint was written in (`<run>/checkpoints/x.ckpt`)."""
+    """The Hydra run folder a checkpoint was written in (`<run>/checkpoints/x.ckpt`, or a post-hoc EMA one's
+    `<run>/post_hoc_ema/sigma_rel_x.ckpt`)."""
     checkpoint = checkpoint.resolve()
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    inside = checkpoint.parent.name in ("checkpoints", "post_hoc_ema")
+    return checkpoint.parent.parent if inside else checkpoint.parent
 
 
 def read_checkpoint(path: str | Path) -> dict:

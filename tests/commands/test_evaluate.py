@@ -39,6 +39,13 @@ def test_dlab_eval_writes_every_key_and_both_plots(tiny_run, cache_dir, tmp_path
     assert report["guidance_interval"] == [0.0, "inf"]  # no interval: every step guided, in strict JSON
     assert set(report["guidance"]) == {"0.0", "2.0"}
     assert report["sampler"] == {"name": "DDIMSampler", "steps": 2}
+    provenance = report["provenance"]  # what every score depends on (metrics/provenance.py)
+    assert set(provenance) == {"n", "seed", "batch_size", "extractor", "reference", "sampler", "guidance", "ema",
+                               "checkpoint", "code"}  # fmt: skip
+    assert provenance["n"] == 256 and len(provenance["extractor"]["sha256"]) == 64
+    assert provenance["sampler"]["nfe"] == {"0.0": 2, "2.0": 4}  # s = 0: one pass a step; s = 2: two
+    assert provenance["guidance"]["kind"] == "cfg" and provenance["ema"]["kind"] == "ema"
+    assert provenance["checkpoint"]["path"] == report["checkpoint"] and provenance["checkpoint"]["step"] > 0
     for row in [*report["guidance"].values(), *(r for s in report["steps"].values() for r in s.values())]:
         assert METRIC_KEYS <= set(row) and row["n"] == 256
         assert 0.0 <= row["accuracy"] <= 1.0 and row["fid"] > 0

@@ -1,5 +1,5 @@
 """PostHocEMA in a real Lightning loop on a two-weight model: its averages are the power-function EMA of the
-weights after each optimizer step, its snapshots hold them (fp16), and a resumed run continues bit for bit."""
+weights after each optimizer step, its snapshots hold them, and a resumed run continues bit for bit."""
 
 from __future__ import annotations
 
@@ -63,11 +63,15 @@ def test_averages_are_the_power_function_ema_and_snapshots_hold_them(tmp_path):
     assert snapshots[-1]["sigma_rels"] == [0.05, 0.10]
     assert snapshots[-1]["gammas"] == [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
     for saved, average in zip(snapshots[-1]["averages"], ema.averages, strict=True):
-        assert saved["w"].dtype == torch.float16
-        assert torch.equal(saved["w"], average["w"].half())
+        assert saved["w"].dtype == torch.float32
+        assert torch.equal(saved["w"], average["w"])
         assert saved.keys() == {"w"}
     # The averages of a step are saved once, and the last snapshot's come from the last step.
     assert snapshots[0]["averages"][0]["w"].tolist() != snapshots[1]["averages"][0]["w"].tolist()
+    _, half, _ = _fit(tmp_path, "half", 2, dtype="float16")
+    (snapshot,) = load_snapshots(tmp_path / "half")
+    assert torch.equal(snapshot["averages"][1]["w"], half.averages[1]["w"].half())
+    assert half.averages[1]["w"].dtype == torch.float32  # the averages themselves stay full precision
 
 
 def test_a_resumed_run_continues_the_averages_and_snapshots_exactly(tmp_path):
@@ -98,3 +102,5 @@ def test_bad_settings_name_the_key():
         PostHocEMA(dirpath="x", every_n_steps=0)
     with pytest.raises(ConfigError, match="sigma_rel=0.5"):
         PostHocEMA(dirpath="x", sigma_rels=(0.05, 0.5))
+    with pytest.raises(ConfigError, match="dtype='bfloat16': expected float32 or float16"):
+        PostHocEMA(dirpath="x", dtype="bfloat16")

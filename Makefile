@@ -12,13 +12,19 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,demo]'
 	touch $(STAMP)
 
 train: $(STAMP)  ## train the default model (experiment=mnist_cpu); pass overrides with ARGS="..."
 	$(VENV)/bin/dlab-train $(ARGS)
 
-test: $(STAMP)   ## the whole suite (what CI runs) on two pytest-xdist workers; ARGS="-n 0 ..." runs in one process
+# The browser tests (tests/commands/test_demo.py) drive Debian's chromium; installed here when missing
+# (as root), never downloaded by Playwright. Without it those tests fail and say how to install it.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium >/dev/null || echo "could not install chromium (apt-get install -y chromium as root): the browser tests will fail"
+
+test: $(STAMP) $(CHROMIUM)   ## the whole suite (what CI runs) on two pytest-xdist workers; ARGS="-n 0 ..." runs in one process
 	WANDB_MODE=offline $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 bench: $(STAMP)  ## speed benchmarks on this machine -> benchmarks/results/*.json; CKPT=<run> adds sampling

@@ -27,6 +27,8 @@ LAYERS = {
         "train_evaluator",
         "cli",
         "demo",
+        "demo_page",
+        "demo_job",
     },
     "app": {"inference", "callbacks"},
     "module": {"module"},

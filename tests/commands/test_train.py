@@ -14,6 +14,7 @@ from diffusion_lab.callbacks.checkpointing import VerifiedCheckpointIO
 from diffusion_lab.errors import CheckpointError
 from diffusion_lab.train import train
 from diffusion_lab.utils.instantiate import build_module
+from diffusion_lab.utils.post_hoc_ema import load_snapshots
 
 FAST_DEV_RUNS = [
     # (conditioning, schedule, prediction, loss): each schedule and prediction varied at least once
@@ -55,10 +56,13 @@ def _run(compose_cfg, tmp_path, name, *overrides):
 
 
 def test_resume_continues_exactly(compose_cfg, tmp_path):
-    _run(compose_cfg, tmp_path, "straight", "trainer.max_epochs=2")
-    _run(compose_cfg, tmp_path, "resumed", "trainer.max_epochs=1")
+    post_hoc = ["callbacks=post_hoc_ema", "callbacks.post_hoc_ema.every_n_steps=2"]  # its averages resume too
+    _run(compose_cfg, tmp_path, "straight", "trainer.max_epochs=2", *post_hoc)
+    _run(compose_cfg, tmp_path, "resumed", "trainer.max_epochs=1", *post_hoc)
     first = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    _, objects = _run(compose_cfg, tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={first}")
+    _, objects = _run(
+        compose_cfg, tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={first}", *post_hoc
+    )
     assert objects["trainer"].global_step == 6
 
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -74,6 +78,12 @@ def test_resume_continues_exactly(compose_cfg, tmp_path):
         n for n, v in straight["state_dict"].items() if not torch.equal(v, straight["current_model_state"][n])
     ]
     assert differs
+    for a, b in zip(*(c["callbacks"]["PostHocEMA"]["averages"] for c in (straight, resumed)), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    snapshots = [load_snapshots(tmp_path / run / "post_hoc_ema")[-1] for run in ("straight", "resumed")]
+    assert snapshots[0]["step"] == snapshots[1]["step"] == 6
+    for a, b in zip(*(s["averages"] for s in snapshots), strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def _step_losses(run_dir) -> dict[int, float]:

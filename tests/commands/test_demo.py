@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,10 +89,8 @@ def tiny_class_model(tmp_path_factory):
     return DemoModel(module, path, "", None)
 
 
-def ask(**keys) -> Ask:
-    values = dict(labels=[3], prompts=None, maps={}, scale=2.0, interval=None, form="nested", sampler="own",
-                  steps=3, seed=5, n=2)  # fmt: skip
-    return Ask(**(values | keys))
+ASK = Ask(labels=[3], prompts=None, maps={}, scale=2.0, interval=None, form="nested", sampler="own", steps=3,
+          seed=5, n=2)  # fmt: skip
 
 
 def drain(job: Job) -> list:
@@ -103,7 +102,7 @@ def drain(job: Job) -> list:
 
 
 def test_a_job_gives_dlab_samples_images_for_its_seed_and_writes_its_npz(tiny_class_model, tmp_path):
-    job = Job([tiny_class_model], ask(), {}, tmp_path)
+    job = Job([tiny_class_model], ASK, {}, tmp_path)
     job.start()
     events = drain(job)
     assert [e[0] for e in events] == ["step", "step", "done", "end"]  # x̂₀ after steps 1 and 2 of 3
@@ -116,7 +115,7 @@ def test_a_job_gives_dlab_samples_images_for_its_seed_and_writes_its_npz(tiny_cl
 
 
 def test_a_stopped_job_ends_at_the_next_step(tiny_class_model, tmp_path):
-    job = Job([tiny_class_model], ask(steps=50), {}, tmp_path)
+    job = Job([tiny_class_model], replace(ASK, steps=50), {}, tmp_path)
     job.stop.set()
     job.start()
     assert [e[:4] for e in drain(job)] == [("stopped", 0, 1, 50), ("end", 0, None)]
@@ -140,15 +139,16 @@ def test_the_click_handler_answers_a_mistake_and_a_second_click_with_a_message(t
 # ------------------------------------------------------------------------------------- in the browser
 
 
-def start_demo(folder: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start_demo(folder: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
     """The installed `dlab-demo args` on a free port, its output in folder/demo.out and demo.err."""
+    folder.mkdir()
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     out, err = open(folder / "demo.out", "w"), open(folder / "demo.err", "w")
     proc = subprocess.Popen([str(BIN_DIR / "dlab-demo"), *args, f"port={port}", f"out={folder / 'out'}"],
                             cwd=folder, env=user_env(), stdout=out, stderr=err, text=True)  # fmt: skip
-    return proc, f"http://127.0.0.1:{port}/"
+    return proc, f"http://127.0.0.1:{port}/", folder
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, folder: Path, timeout: float = 180) -> None:
@@ -164,17 +164,15 @@ def wait_until_serving(proc: subprocess.Popen, url: str, folder: Path, timeout: 
 
 
 @pytest.fixture(scope="session")
-def servers(tiny_run, tmp_path_factory):
-    """{kind: (process, url, folder)}: the tiny class run compared with the default model (untrained, the
-    size `make train` trains), and a sketch + caption model (untrained, tiny); both started at once."""
+def servers(request, tmp_path_factory):
+    """{kind: (process, url, folder)}: a sketch + caption model (untrained, tiny), started while the tiny
+    class run trains, then that run compared with the default model (untrained, `make train`'s size)."""
     root = tmp_path_factory.mktemp("demo")
-    default = untrained_run(root / "default_run")
     sketch = untrained_run(root / "sketch_text_run", "experiment=mnist_sketch_text", "debug=tiny")
-    started = {}
-    for kind, args in {"class": [f"ckpt_path={tiny_run[1]}", f"compare={default}"],
-                       "sketch": [f"ckpt_path={sketch}"]}.items():  # fmt: skip
-        (root / kind).mkdir()
-        started[kind] = (*start_demo(root / kind, *args), root / kind)
+    started = {"sketch": start_demo(root / "sketch", f"ckpt_path={sketch}")}
+    default = untrained_run(root / "default_run")
+    tiny_run = request.getfixturevalue("tiny_run")[1]  # trained meanwhile (or already, by other tests)
+    started["class"] = start_demo(root / "class", f"ckpt_path={tiny_run}", f"compare={default}")
     for proc, url, folder in started.values():
         wait_until_serving(proc, url, folder)
     yield started
@@ -200,14 +198,22 @@ RECORD_STATUS = """() => { window.seen = []; const el = document.querySelector('
   characterData: true}); }"""
 
 
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    start = time.monotonic()
-    page.goto(url)
-    page.wait_for_selector("#generate")
-    print(f"\npage load: {time.monotonic() - start:.2f} s")
-    page.evaluate(RECORD_STATUS)
-    return page
+@pytest.fixture
+def open_page(browser):
+    """open_page(url) -> a new tab on the page, recording its status line; closed after the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+
+    def open_(url: str):
+        page = context.new_page()
+        start = time.monotonic()
+        page.goto(url)
+        page.wait_for_selector("#generate")
+        print(f"\npage load: {time.monotonic() - start:.2f} s")
+        page.evaluate(RECORD_STATUS)
+        return page
+
+    yield open_
+    context.close()
 
 
 def wait_for_status(page, needle: str, timeout: float = 60) -> str:
@@ -234,9 +240,9 @@ def offered_npz(page, selector: str) -> dict:
 
 
 def test_a_digit_streams_x0_then_both_compared_results_and_the_npz_records_the_scale(
-    servers, browser, tmp_path
+    servers, open_page, tmp_path
 ):
-    page = open_page(browser, servers["class"][1])
+    page = open_page(servers["class"][1])
     page.click("#digit >> text=3")
     set_number(page, "#guidance-label", 2.5)
     page.click("text=Sampling")
@@ -257,8 +263,8 @@ def test_a_digit_streams_x0_then_both_compared_results_and_the_npz_records_the_s
         assert npz["guidance"].tolist() == [2.5, 2.5] and npz["labels"].tolist() == [3, 3]
 
 
-def test_stop_ends_a_long_run_and_a_second_click_meanwhile_is_refused(servers, browser):
-    page = open_page(browser, servers["class"][1])
+def test_stop_ends_a_long_run_and_a_second_click_meanwhile_is_refused(servers, open_page):
+    page = open_page(servers["class"][1])
     page.click("text=Sampling")
     page.locator("#sampler input").click()
     page.get_by_role("option", name="ddpm", exact=True).click()
@@ -277,26 +283,30 @@ def test_stop_ends_a_long_run_and_a_second_click_meanwhile_is_refused(servers, b
     wait_for_status(page, "Done")
 
 
-def test_a_checkpoint_with_non_finite_weights_is_a_message_in_the_page(servers, browser, tiny_run, tmp_path):
+def test_a_checkpoint_with_non_finite_weights_is_a_message_in_the_page(
+    servers, open_page, tiny_run, tmp_path
+):
     checkpoint = torch.load(next((tiny_run[1] / "checkpoints").glob("*.ckpt")), weights_only=False)
     name = next(iter(checkpoint["state_dict"]))
     checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
     torch.save(checkpoint, tmp_path / "diverged.ckpt")
-    page = open_page(browser, servers["class"][1])
+    page = open_page(servers["class"][1])
     page.fill("#compare textarea", str(tmp_path / "diverged.ckpt"))
     page.click("#load")
     message = wait_for_status(page, "non-finite weights")
     assert "⚠️ " in message and name in message and "Traceback" not in page.content()
 
 
-def test_a_sketch_and_a_prompt_give_samples_whose_npz_records_both_scales(servers, browser):
+def test_a_sketch_and_a_prompt_give_samples_whose_npz_records_both_scales(servers, open_page):
     """Each missing input is a message; a typed scale stays in the slider's range; then a stroke and a prompt."""
-    page = open_page(browser, servers["sketch"][1])
+    page = open_page(servers["sketch"][1])
     page.click("#generate")
     wait_for_status(page, "The prompt is empty")
     page.fill("#prompt textarea", "a thick seven")
     page.click("#generate")
     wait_for_status(page, "The sketch is blank")
+    page.click("text=Sampling")
+    set_number(page, "#n", 2)
     set_number(page, "#guidance-text", MAX_SCALE + 2)  # kept in range (the handler's own check: in-process)
     assert float(page.locator("#guidance-text input[type=number]").input_value()) == MAX_SCALE
     set_number(page, "#guidance-sketch", 1.5)
@@ -314,9 +324,9 @@ def test_a_sketch_and_a_prompt_give_samples_whose_npz_records_both_scales(server
     wait_for_status(page, "Done")
     assert shown_image(page, "#result-1").std() > 10
     npz = offered_npz(page, "#download-1")
-    assert npz["guidance_sketch"].tolist() == [1.5] * 8 and npz["guidance_text"].tolist() == [3.0] * 8
-    assert npz["prompts"].tolist() == ["a thick seven"] * 8
-    assert npz["sketch"].shape == (8, 1, 28, 28) and npz["sketch"].sum() > 0  # the stroke, as read
+    assert npz["guidance_sketch"].tolist() == [1.5] * 2 and npz["guidance_text"].tolist() == [3.0] * 2
+    assert npz["prompts"].tolist() == ["a thick seven"] * 2
+    assert npz["sketch"].shape == (2, 1, 28, 28) and npz["sketch"].sum() > 0  # the stroke, as read
 
 
 def test_the_server_exits_cleanly_on_sigterm_and_sigint(servers):

@@ -19,10 +19,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.metrics.classifier import EvaluatorMissingError, load_classifier
 from diffusion_lab.utils import resolvers
+from diffusion_lab.utils.instantiate import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -245,3 +246,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if xdist and not item.get_closest_marker("xdist_group") and any(d.scope == "module" for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def untrained_run(folder: Path, *overrides: str) -> Path:
+    """A run folder holding an untrained checkpoint of the real config with `overrides` (no training: the
+    page only needs the model's shape and kind), written the way dlab-train writes one."""
+    resolvers.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*overrides, f"paths.output_dir={folder}"])
+    GlobalHydra.instance().clear()
+    module = build_module(cfg)
+    (folder / "checkpoints").mkdir(parents=True)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    torch.save({"run_config": run_config, "state_dict": module.state_dict(), "global_step": 0},
+               folder / "checkpoints" / "last.ckpt")  # fmt: skip
+    return folder

@@ -127,6 +127,7 @@ def test_autoguided_generation_differs_from_cfg_and_from_the_model_alone(compose
         return module.generate(torch.tensor([3, 7]), scale, sampler, generator, guidance_model=guidance_model)
 
     assert torch.equal(draw(1.0, weak), draw(1.0))  # s = 1: the model alone, as with CFG
+    assert torch.allclose(draw(3.0, module), draw(1.0), atol=1e-5)  # guided against itself: D1 - D0 = 0
     assert not torch.allclose(draw(2.0, weak), draw(2.0))  # guided against another model, not the null
     assert not torch.allclose(draw(2.0, weak), draw(1.0))
 

@@ -30,13 +30,25 @@ HELP_KEYS = {  # what each command's --help must name, besides Hydra's listing o
         "prompts_file=",
         "guidance=",
         "guidance_interval=",
+        "guidance_model=",
         "out=",
     ],
-    "dlab-eval": ["ckpt_path=", "n=", "guidance=", "guidance_interval=", "steps_sweep", "out="],
+    "dlab-eval": [
+        "ckpt_path=",
+        "n=",
+        "guidance=",
+        "guidance_interval=",
+        "guidance_model=",
+        "ema=",
+        "steps_sweep",
+        "out=",
+    ],
     "dlab-viz": ["plot=", "schedules", "forward", "trajectory", "ckpt_path=", "index=", "columns=", "out="],
     "dlab-report": ["sweep=", "out=", "failed"],
     "dlab-train-evaluator": ["retrain=", "paths.cache_dir="],
     "dlab-make-captions": ["n=", "n_val=", "phrasing=", "out="],
+    "dlab-phema": ["ckpt_path=", "sigma_rel=", "callbacks=post_hoc_ema", "out="],
+    "dlab-demo": ["ckpt_path=", "compare=", "host=", "port=", "127.0.0.1"],
 }
 
 

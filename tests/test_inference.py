@@ -104,7 +104,9 @@ def test_autoguidance_takes_a_step_of_the_same_run_and_checks_it_is_the_same_tas
     module, path = load_module(tmp_path / "run" / "checkpoints" / "step_0000008.ckpt")
     weak, weak_path = load_guidance_model(4, module, path, "cpu")
     assert weak_path.name == "step_0000004.ckpt" and weak.checkpoint_step == 4
-    with pytest.raises(CheckpointError, match=r"guidance_model=5: .* no checkpoint at step 5; its steps are 4, 8"):
+    with pytest.raises(
+        CheckpointError, match=r"guidance_model=5: .* no checkpoint at step 5; its steps are 4, 8"
+    ):
         load_guidance_model(5, module, path, "cpu")
     save_run(compose_cfg("debug=tiny", "schedule=linear"), tmp_path / "other", steps=(4,))
     with pytest.raises(ConfigError, match="its schedule .* differs from the model's"):
@@ -143,7 +145,13 @@ class NoiseModule:
         self.run_config = run_config
 
     def generate(
-        self, inputs, guidance_scale, sampler, generator, guidance_interval=None, guidance_form="nested",
+        self,
+        inputs,
+        guidance_scale,
+        sampler,
+        generator,
+        guidance_interval=None,
+        guidance_form="nested",
         guidance_model=None,
     ):
         return torch.rand(len(inputs), 1, 4, 4, generator=generator) * 2 - 1  # (B, 1, 4, 4) in [-1, 1]

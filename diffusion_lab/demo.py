@@ -27,7 +27,7 @@ from diffusion_lab.cli import hydra_app
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.inference import guidance_for, load_module, pick_device, spatial_encoders
 from diffusion_lab.utils import checks
-from diffusion_lab.utils.checkpoints import read_checkpoint, run_dir_of
+from diffusion_lab.utils.checkpoints import run_dir_of
 
 log = logging.getLogger("diffusion_lab")
 
@@ -113,8 +113,7 @@ def load_model(spec, device, runs_dir, like: DemoModel | None = None, key: str =
             f"{key}={spec} takes {_kind(module)[0]} and makes {_kind(module)[2]} images, but {like.path} takes "
             f"{_kind(like.module)[0]} and makes {_kind(like.module)[2]}: compare two runs of the same task"
         )
-    step = read_checkpoint(path).get("global_step")
-    return DemoModel(module, path, run_summary(module, path, step), validation_grid(path))
+    return DemoModel(module, path, run_summary(module, path, module.checkpoint_step), validation_grid(path))
 
 
 def serve(page, host: str, port: int, out: Path, on_stop) -> str:

@@ -210,9 +210,6 @@ def run(cfg: DictConfig) -> dict:
         name: {s: resolve_sampler(module, factory, s) for s in cfg.steps_sweep.steps}
         for name, factory in sweep_factories.items()
     }
-    results["guidance_kind"] = "cfg" if weak is None else "autoguidance"
-    if weak is not None:
-        results["guidance_model"] = {"checkpoint": str(weak_path), "step": weak.checkpoint_step}
     results |= guidance_sweep(cfg, evaluator, module, sampler, targets, weak)
     results["provenance"] = provenance_of(cfg, evaluator, module, path, sampler, weak, weak_path)
     results["steps"] = steps_sweep(cfg, evaluator, module, sweep_samplers, sweep_targets, weak)
